@@ -109,6 +109,7 @@ def test_build_meta_allocates_nothing():
 def test_save_atomic_and_find_component(tmp_path):
     save_atomic({"w": torch.arange(4.0)}, tmp_path / "sub" / "x.safetensors", metadata={"k": "v"})
     assert [p.name for p in (tmp_path / "sub").iterdir()] == ["x.safetensors"]  # no temp file left behind
+    assert (tmp_path / "sub" / "x.safetensors").stat().st_mode & 0o044  # readable by others, not mkstemp's 0600
     torch.testing.assert_close(Checkpoint(tmp_path / "sub" / "x.safetensors").tensors()["w"], torch.arange(4.0))
     (tmp_path / "pipe" / "unet").mkdir(parents=True)
     assert find_component(tmp_path / "pipe", "unet") == tmp_path / "pipe" / "unet"
