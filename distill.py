@@ -1,0 +1,605 @@
+"""Cross-Space Distillation: train the Bridge (stage 1), then distill a flow-matching teacher into a one-step SD 1.5
+student with DMD2 in the TEACHER's latent space (stage 2). One flat script, nanoGPT style.
+
+    python distill.py          # built-in tiny random preset, CPU, under a minute: out/student.safetensors
+    python sample.py --ckpt out/student.safetensors --prompt "a red circle" --width 64 --height 64
+
+SD 1.5 + SD3.5-Medium (8 GPUs; the text cache is built here from --text-encoders if missing, then T5 is freed):
+    torchrun --nproc_per_node 8 distill.py --student v1-5-pruned-emaonly.safetensors \
+        --teacher sd3.5_medium.safetensors --text-encoders text_encoders/ --prompts prompts.txt \
+        --text-cache cache_sd35m.safetensors --out runs/sd35m
+SD 1.5 + FLUX.1-dev (no CFG pass: embedded guidance 3.5; 12B bf16 teacher, so batch 1 per GPU, or --fsdp):
+    torchrun --nproc_per_node 8 distill.py --student v1-5-pruned-emaonly.safetensors --teacher flux1-dev.safetensors \
+        --teacher-vae ae.safetensors --text-encoders text_encoders/ --prompts prompts.txt --batch-size 1 --out runs/flux
+
+Stage 1: student latents z_S (encoded --images, or the base student's own 4-step DDIM + CFG samples: cheap, and the
+kind of latent the generator makes), targets z_T* = bridge_target(z_S) computed once and cached in the out dir; the
+projector learns reconstruction + attention fidelity; the report gives held-out MSE vs a NaiveBridge and ms/sample vs
+the exact decode-resize-encode path. Stage 2: generator = the SD 1.5 UNet, one step from pure noise at t = 999;
+z_T = Bridge(z_S); real score = frozen teacher (LoRA off, CFG / embedded guidance), fake score = teacher + LoRA
+trained by flow matching on detached z_T, `--fake-steps-per-gen` fake updates per generator update (DMD2).
+
+Memory, SD 1.5 + SD3.5-Medium at 1024 px on one 80 GB GPU (defaults: batch 2, bf16 autocast, grad checkpointing):
+teacher 2.47B params in bf16 = 4.9 GB; LoRA rank 64 = 82M fp32 params + grads + AdamW = 1.3 GB; student UNet 0.86B
+fp32 weights + grads + AdamW moments + EMA = 5 x 3.4 = 17 GB; VAEs 0.2 GB; no text encoder (the cache). Activations:
+the fake-score backward through 24 checkpointed blocks of 4096 image + 333 text tokens x 1536 is ~2 GB per sample;
+the real / fake DMD passes keep none (no grad). Stage 2 total ~25-30 GB. Stage 1 (before the optimizers exist) keeps
+fp32 attention maps (24 heads x 4096 x 4429 = 1.7 GB per block and sample) for 3 blocks: ~5 GB per sample, so its
+batch is 2: ~20 GB in all. FLUX.1-dev: 23.8 GB bf16 + 3.6 GB LoRA state + 17 GB student, batch 1 (or --fsdp).
+No GPU was available: the CUDA / bf16 / nccl / --compile paths are untested (CPU, gloo, DDP and FSDP are tested).
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import replace
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+import bridge as BR
+import conditioning as C
+import teacher_mmdit as TM
+import text_encoders as TE
+import unet as U
+import vae as V
+from export import export_sd15_single_file
+from sample import ddim_schedule, ddim_step, sd15_alphas_cumprod, to_uint8
+from weights import Checkpoint, CheckpointError, find_component, load_state, save_atomic
+
+
+class UsageError(ValueError):
+    """Bad input or a stopped run: printed as one `error: ...` line."""
+
+
+def excepthook(kind, e, tb):
+    if issubclass(kind, (UsageError, CheckpointError)):
+        print(f"error: {e}", file=sys.stderr)
+    else:
+        sys.__excepthook__(kind, e, tb)
+
+
+sys.excepthook = excepthook
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+# ----------------------------------------------------------------------------- arguments
+p = Parser(description=__doc__.split("\n")[0])
+g = p.add_argument_group("models (give none for the built-in tiny preset)")
+g.add_argument("--preset", choices=["tiny"], help="tiny random student and teacher (the default without models)")
+g.add_argument("--student", help="SD 1.5 single file or diffusers pipeline folder (UNet, VAE, CLIP-L)")
+g.add_argument("--teacher", help="SD3 / SD3.5 / FLUX.1 transformer: single file or diffusers folder")
+g.add_argument("--teacher-vae", help="default: inside the teacher (file or pipeline), else ae.safetensors beside it")
+g.add_argument("--prompts", help="training prompts, one per line")
+g.add_argument("--text-cache", help="text-embedding cache from conditioning.py (default OUT/text_cache.safetensors)")
+g.add_argument("--text-encoders", help="build a missing cache here: folder of clip_l/clip_g/t5xxl or pipeline root")
+g.add_argument("--t5-tokenizer", help="T5 tokenizer.json / spiece.model (default: found beside the encoders)")
+g.add_argument("--t5-length", type=int, help="T5 tokens when building the cache (default: the teacher's)")
+g.add_argument("--no-t5", action="store_true", help="SD3: zeros instead of T5 (as diffusers without text_encoder_3)")
+g.add_argument("--negative-prompt", default="", help="the unconditional prompt (CFG)")
+g = p.add_argument_group("stage 1: the Bridge")
+g.add_argument("--bridge", help="a trained projector (OUT/bridge.safetensors of an earlier run): skip stage 1")
+g.add_argument("--images", help="folder of images -> student latents (default: the student's own samples)")
+g.add_argument("--latents", type=int, help="student latents, train + held-out")
+g.add_argument("--held-out", type=int, help="latents kept out of training for the report")
+g.add_argument("--sample-steps", type=int, default=4, help="DDIM steps of the student's own samples")
+g.add_argument("--sample-cfg", type=float, default=7.5, help="CFG of the student's own samples")
+g.add_argument("--bridge-steps", type=int, help="projector (and baseline) training steps")
+g.add_argument("--bridge-batch", type=int, help="per process")
+g.add_argument("--bridge-train-lr", type=float, default=1e-3)
+g.add_argument("--bridge-width", type=int)
+g.add_argument("--bridge-depth", type=int)
+d = BR.BridgeLossConfig()
+g.add_argument("--rec-weight", type=float, default=d.rec_weight)
+g.add_argument("--attn-weight", type=float, default=d.attn_weight)
+g.add_argument("--attn-blocks", nargs="+", type=lambda s: float(s) if "." in s else int(s), default=list(d.blocks),
+               help="teacher blocks for attention fidelity: fractions of depth (0.5) or indices (3)")
+g.add_argument("--attn-sigma", nargs=2, type=float, default=[d.sigma_lo, d.sigma_hi], help="unshifted sigma range")
+g = p.add_argument_group("stage 2: distillation (DMD2 in teacher space)")
+g.add_argument("--steps", type=int, help="iterations; each trains the fake score, every n-th also the student")
+g.add_argument("--batch-size", type=int, help="per process")
+g.add_argument("--lr", type=float, help="student")
+g.add_argument("--fake-lr", type=float, help="fake score (LoRA)")
+g.add_argument("--fake-steps-per-gen", type=int, default=5, help="fake-score updates per student update (DMD2: 5)")
+g.add_argument("--lora-rank", type=int)
+# 4.5: SD3.5-Medium's recommended sampling guidance (model card); below SD3's 7.0 because DMD's reverse KL is already
+# mode-seeking and a high real-score CFG over-saturates one-step samples (DMD2 notes the same trade-off).
+g.add_argument("--cfg", type=float, default=4.5, help="SD3: CFG of the real score (uncond = the cached negative)")
+g.add_argument("--guidance", type=float, default=3.5, help="FLUX.1-dev: embedded guidance (pipeline default)")
+g.add_argument("--sigma-range", nargs=2, type=float, default=[0.02, 0.98], help="unshifted sigma range of DMD")
+g.add_argument("--shift", type=float, help="time shift (default: SD3 3.0, FLUX exp(mu) at --teacher-res)")
+g.add_argument("--bridge-lr", type=float, default=0.0, help="> 0: fine-tune the projector (with its rec. loss)")
+g.add_argument("--ema", type=float, default=0.999, help="EMA decay of the student; 0 = off")
+g.add_argument("--grad-clip", type=float, default=1.0)
+g.add_argument("--weight-decay", type=float, default=0.01)
+g.add_argument("--student-res", type=int, help="pixels")
+g.add_argument("--teacher-res", type=int, help="pixels")
+g = p.add_argument_group("engineering")
+g.add_argument("--out", default="out")
+g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
+g.add_argument("--seed", type=int, default=0)
+g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+g.add_argument("--compile", action="store_true")
+g.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, help="default: on with CUDA")
+g.add_argument("--fsdp", action="store_true", help="shard the teacher over the processes (torchrun)")
+g.add_argument("--sample-every", type=int)
+g.add_argument("--ckpt-every", type=int)
+args = p.parse_args()
+tiny = args.preset == "tiny" or (args.student is None and args.teacher is None)
+if tiny and (args.student or args.teacher):
+    raise UsageError("--preset tiny builds its own models: drop --student / --teacher")
+if not tiny and not (args.student and args.teacher):
+    raise UsageError("give both --student and --teacher (or neither, for the built-in tiny preset)")
+DEFAULTS = {  # what the preset changes; None above means "from here"
+    "tiny": dict(student_res=64, teacher_res=128, latents=32, held_out=8, bridge_steps=150, bridge_batch=4,
+                 bridge_width=32, bridge_depth=1, steps=60, batch_size=2, lr=1e-4, fake_lr=1e-3, lora_rank=4,
+                 sample_every=20, ckpt_every=20, t5_length=8),
+    "real": dict(student_res=512, teacher_res=1024, latents=512, held_out=64, bridge_steps=2000, bridge_batch=2,
+                 bridge_width=128, bridge_depth=2, steps=20000, batch_size=2, lr=1e-5, fake_lr=1e-4, lora_rank=64,
+                 sample_every=500, ckpt_every=500, t5_length=None),
+}
+for k, v in DEFAULTS["tiny" if tiny else "real"].items():
+    setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
+if args.grad_ckpt is None:
+    args.grad_ckpt = args.device.startswith("cuda")
+for k in ("latents", "held_out", "bridge_batch", "batch_size", "lora_rank", "fake_steps_per_gen", "sample_every",
+          "ckpt_every", "bridge_width", "bridge_depth", "sample_steps"):
+    if getattr(args, k) < 1:
+        raise UsageError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(args, k)}")
+if args.student_res % 64 or args.teacher_res % 16 or not 0 < args.sigma_range[0] < args.sigma_range[1] < 1:
+    raise UsageError("--student-res must be a multiple of 64, --teacher-res of 16, 0 < --sigma-range lo < hi < 1")
+if args.held_out >= args.latents:
+    raise UsageError(f"--held-out {args.held_out} must be below --latents {args.latents}")
+prompts = C.read_prompts(args.prompts) if args.prompts else None  # bad prompt files fail before anything is written
+if args.images:
+    files = sorted(f for f in Path(args.images).glob("*") if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+    files = files[:args.latents]
+    if len(files) <= args.held_out:
+        raise UsageError(f"--images {args.images}: {len(files)} images (png/jpg/webp), need more than --held-out "
+                         f"{args.held_out}")
+
+# ----------------------------------------------------------------------------- processes, output folder, resume check
+t_start, ddp = time.time(), int(os.environ.get("RANK", -1)) != -1
+if ddp:
+    cuda = args.device.startswith("cuda")
+    # a long timeout: rank 0 alone builds the text cache and the stage-1 targets while the others wait
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=60))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+else:
+    rank, world, device = 0, 1, torch.device(args.device)
+    if args.fsdp:
+        raise UsageError("--fsdp shards the teacher over processes: launch with torchrun")
+master, cuda = rank == 0, device.type == "cuda"
+barrier = dist.barrier if ddp else (lambda: None)
+amp = lambda: torch.autocast("cuda", torch.bfloat16) if cuda else nullcontext()  # bf16 on CUDA, fp32 on CPU
+dt = torch.bfloat16 if cuda else torch.float32  # frozen weights (teacher, VAEs)
+
+out = Path(args.out)
+try:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f".probe{rank}").write_text("")
+    (out / f".probe{rank}").unlink()
+except OSError as e:
+    raise UsageError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+ckpt_path, log_path = out / "checkpoint.safetensors", out / "log.jsonl"
+if tiny:  # the preset's model files, written below; the run then loads them as it would real checkpoints
+    args.student, args.teacher = str(out / "tiny" / "student.safetensors"), str(out / "tiny" / "teacher.safetensors")
+    args.text_encoders, args.no_t5 = args.text_encoders or str(out / "tiny"), True
+    args.prompts = args.prompts or str(out / "tiny" / "prompts.txt")
+args.text_cache = args.text_cache or str(out / "text_cache.safetensors")
+RUNTIME = {"steps", "out", "resume", "device", "compile", "grad_ckpt", "fsdp", "sample_every", "ckpt_every",
+           "text_cache", "text_encoders", "t5_tokenizer", "bridge"}
+config = json.loads(json.dumps({k: v for k, v in vars(args).items() if k not in RUNTIME} | {"world": world}))
+if args.resume:
+    if not ckpt_path.is_file():
+        raise UsageError(f"--resume: no checkpoint at {ckpt_path}")
+    with safe_open(str(ckpt_path), "pt") as f:
+        saved = json.loads((f.metadata() or {}).get("config", "{}"))
+    diff = sorted(k for k in saved.keys() | config.keys() if saved.get(k) != config.get(k))
+    if diff:
+        raise UsageError(f"--resume: {ckpt_path} comes from another configuration: " +
+                         ", ".join(f"{k} {saved.get(k)!r} != {config.get(k)!r}" for k in diff[:4]))
+elif ckpt_path.exists():
+    raise UsageError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
+torch.manual_seed(args.seed)
+random.seed(args.seed)
+np.random.seed(args.seed)
+if tiny and master and not (out / "tiny" / "prompts.txt").exists():
+    torch.manual_seed(1234)  # the tiny world: fixed seeds, SD 1.5 / SD3.5-Medium structure, real single-file layouts
+    clip_l = TE.CLIPTextModel(TE.PRESETS["tiny_l"])  # vocab 49408: the real CLIP tokenizer drives it
+    export_sd15_single_file(U.UNet(replace(U.PRESETS["tiny"], context_dim=clip_l.cfg.width)),
+                            V.VAE(V.PRESETS["tiny_sd15"]), clip_l, out / "tiny" / "student.safetensors")
+    # quick GELU for CLIP-G: a single file carries no config and the loader picks the activation by width
+    clip_g = TE.CLIPTextModel(replace(TE.PRESETS["tiny_g"], act="quick_gelu"))
+    pooled_dim = clip_l.cfg.width + clip_g.cfg.projection  # CLIP-L pooled ++ CLIP-G projected, as SD3
+    teacher = TM.MMDiT(replace(TM.PRESETS["tiny_sd35"], pooled_dim=pooled_dim))
+    save_atomic({f"model.diffusion_model.{k}": v for k, v in teacher.state_dict().items()} |  # as sd3.5_medium:
+                {f"first_stage_model.{k}": v for k, v in V.VAE(V.PRESETS["tiny_sd3"]).state_dict().items()},
+                args.teacher)  # transformer + VAE in one file
+    save_atomic(clip_l.state_dict(), out / "tiny" / "clip_l.safetensors")  # keys text_model.*, as clip_l.safetensors
+    save_atomic(clip_g.state_dict(), out / "tiny" / "clip_g.safetensors")
+    (out / "tiny" / "prompts.txt").write_text("\n".join([  # a handful of built-in prompts
+        "a red circle on a blue background", "a small green square in the top left corner", "a yellow triangle",
+        "a large white cross on black", "a blue ring in the center", "a black square on a yellow background",
+        "a green triangle at the bottom right", "a photo of a cat"]) + "\n")
+barrier()
+prompts = prompts or (C.read_prompts(args.prompts) if args.prompts else None)
+
+# ----------------------------------------------------------------------------- models and text
+model = U.load_unet(args.student, device=device).train()  # the generator: fp32 master weights (autocast computes)
+svae = V.load_vae(args.student, family="sd15", dtype=dt, device=device)
+# --fsdp: read into CPU memory, then sharded block by block onto the device (never a whole teacher on one GPU)
+teacher = TM.load_teacher(args.teacher, dtype=dt, device="cpu" if args.fsdp else device)
+family = "flux" if isinstance(teacher.cfg, TM.FluxConfig) else "sd3"
+tvae_path = args.teacher_vae or (args.teacher if (Path(args.teacher) / "vae").is_dir() or (
+    Path(args.teacher).is_file() and "first_stage_model.decoder.conv_in.weight" in Checkpoint(args.teacher))
+    else Path(args.teacher).parent / "ae.safetensors")
+tvae = V.load_vae(tvae_path, family=family, dtype=dt, device=device)
+if not Path(args.text_cache).is_file():
+    if not (args.text_encoders and prompts):
+        raise UsageError(f"--text-cache {args.text_cache}: no such file; build it with conditioning.py, or pass "
+                         "--prompts and --text-encoders to build it here")
+    if master:
+        text = C.load_teacher_text(args.teacher, args.text_encoders, args.t5_tokenizer, args.t5_length,
+                                   not args.no_t5, dtype=dt, device=device)
+        clip = TE.load_clip(find_component(args.student, "text_encoder"), dtype=dt, device=device)
+        C.build_text_cache(prompts, clip, text, args.text_cache, args.negative_prompt)
+        del text, clip  # T5 and the CLIPs leave memory for good: training reads the cache only
+        torch.cuda.empty_cache() if cuda else None
+    barrier()
+cache = C.load_text_cache(args.text_cache)
+if prompts is not None and cache.prompts != prompts:
+    raise UsageError(f"--text-cache {args.text_cache} holds other prompts than --prompts {args.prompts}")
+if (cache.family, cache.teacher_context.shape[-1], cache.teacher_pooled.shape[-1], cache.student_context.shape[-1]) \
+        != (family, teacher.cfg.context_dim, teacher.cfg.pooled_dim, model.cfg.context_dim):
+    raise UsageError(f"--text-cache {args.text_cache} was built for other models ({cache.family} teacher)")
+hs, ht = args.student_res // 8, args.teacher_res // 8  # latent sizes (both VAEs are 8x)
+try:
+    scale = BR.scale_for((hs, hs), (ht, ht))
+except ValueError as e:
+    raise UsageError(f"--student-res / --teacher-res: {e}") from None
+exact = lambda z: BR.bridge_target(svae, tvae, z, (ht, ht))  # z_T*: student decode, resize, teacher encode
+# The teacher's time shift: SD3 3.0 (scheduler config); FLUX exp(mu), mu linear in the packed token count L
+# (0.5 at 256, 1.15 at 4096: FluxPipeline calculate_shift).
+shift = args.shift or (3.0 if family == "sd3" else math.exp(0.5 + 0.65 * ((args.teacher_res // 16) ** 2 - 256) / 3840))
+TM.add_lora(teacher, args.lora_rank)
+torch.manual_seed(args.seed)
+bridge = BR.Bridge(svae, 16, scale, args.bridge_width, args.bridge_depth).to(device)
+if args.grad_ckpt:
+    model.gradient_checkpointing = teacher.gradient_checkpointing = svae.decoder.gradient_checkpointing = True
+ema = copy.deepcopy(model).requires_grad_(False) if args.ema > 0 else None
+ck = load_file(str(ckpt_path)) if args.resume else {}
+part = lambda prefix: {k[len(prefix):]: v for k, v in ck.items() if k.startswith(prefix)}
+if args.resume:  # weights now (LoRA before sharding); optimizer and RNG states once those exist
+    model.load_state_dict(part("student."))
+    bridge.load_state_dict(part("projector."))
+    ema.load_state_dict(part("ema.")) if ema is not None else None
+    missing = teacher.load_state_dict(part("lora."), strict=False).missing_keys
+    if any(".lora_" in k for k in missing):
+        raise UsageError(f"--resume: {ckpt_path} lacks LoRA weights {missing[:2]}")
+elif args.bridge:
+    load_state(bridge, Checkpoint(args.bridge).tensors(device=device), args.bridge)  # one-line errors
+if args.fsdp:  # shard every block, then the root (moving each to the device): each rank holds 1/world of it
+    from torch.distributed.fsdp import fully_shard
+    for blocks in ("joint_blocks", "double_blocks", "single_blocks"):
+        for block in getattr(teacher, blocks, []):
+            fully_shard(block)
+    fully_shard(teacher)
+lora = [(n, p) for n, p in teacher.named_parameters() if p.requires_grad]  # after sharding: DTensors under FSDP
+guided = teacher.takes_guidance  # FLUX.1-dev
+guid = lambda n: torch.full((n,), args.guidance, device=device) if guided else None
+ctx_of = lambda idx: (cache.teacher_context[idx].to(device), cache.teacher_pooled[idx].to(device))
+
+
+def mine(t):
+    """This rank's slice of a tensor drawn for the GLOBAL batch: same data as one process with world x the batch."""
+    n = t.shape[0] // world
+    return t[rank * n:(rank + 1) * n].to(device)
+
+
+def all_reduce_grads(params):  # for the small projector (used twice a step, so not DDP-wrapped): mean over ranks
+    for q in params:
+        if ddp and q.grad is not None:
+            dist.all_reduce(q.grad)
+            q.grad /= world
+
+
+def log(record):
+    if master:
+        with open(log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+# ----------------------------------------------------------------------------- stage 1: the Bridge
+if not args.resume and not args.bridge:
+    tfile = out / "bridge_targets.safetensors"
+    key = json.dumps([args.student, args.teacher, args.images, args.latents, args.student_res, args.teacher_res,
+                      args.sample_steps, args.sample_cfg, args.seed, cache.prompts])
+    fresh = not tfile.is_file() or (safe_open(str(tfile), "pt").metadata() or {}).get("key") != key
+    if master and fresh:
+        gen = torch.Generator().manual_seed(args.seed + 1)
+        if args.images:
+            pidx = torch.arange(len(files)) % len(cache.prompts)  # CHOICE: uncaptioned images probe with any prompt
+
+            def load_image(f):  # centre crop, resize to the student resolution, [-1, 1]
+                im = Image.open(f).convert("RGB")
+                s, (w, h) = min(im.size), im.size
+                im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+                im = im.resize((args.student_res,) * 2, Image.BICUBIC)
+                return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 127.5 - 1
+
+            with torch.no_grad(), amp():
+                z_s = torch.cat([svae.encode(torch.stack([load_image(f) for f in files[i:i + 8]]).to(device, dt))
+                                 for i in range(0, len(files), 8)]).float()
+        else:  # the base student's own samples: DDIM, few steps, CFG (cheap; one batch of 8 at a time)
+            pidx = torch.randint(len(cache.prompts), (args.latents,), generator=gen)
+            noise = torch.randn((args.latents, 4, hs, hs), generator=gen)
+            ts, alphas, alphas_prev = ddim_schedule(args.sample_steps)
+            z_s = []
+            for i in tqdm(range(0, args.latents, 8), desc="student samples", disable=not master):
+                x, ctx = noise[i:i + 8].to(device), cache.student_context[pidx[i:i + 8]].to(device)
+                ctx = torch.cat([cache.negative_student_context.to(device).expand_as(ctx), ctx])
+                for t, a, a_prev in zip(ts, alphas, alphas_prev, strict=True):
+                    with torch.no_grad(), amp():
+                        eps_u, eps_c = model(torch.cat([x, x]), t.expand(2 * len(x)).to(device), ctx).float().chunk(2)
+                    x = ddim_step(x, eps_u + args.sample_cfg * (eps_c - eps_u), a, a_prev)
+                z_s.append(x)
+            z_s = torch.cat(z_s)
+        with torch.no_grad(), amp():
+            z_t = torch.cat([exact(z_s[i:i + 8]).float() for i in range(0, len(z_s), 8)])
+        save_atomic({"z_s": z_s, "z_t": z_t, "prompt_idx": pidx}, tfile, {"key": key})
+    barrier()
+    data = load_file(str(tfile))
+    z_s, z_t, pidx = data["z_s"], data["z_t"], data["prompt_idx"]
+    n_train = len(z_s) - args.held_out
+    naive = BR.NaiveBridge(4, 16, scale).to(device)
+    opt_b = torch.optim.AdamW(list(bridge.parameters()) + list(naive.parameters()), lr=args.bridge_train_lr)
+    gen = torch.Generator().manual_seed(args.seed + 2)
+    blocks = BR.resolve_blocks(tuple(args.attn_blocks), teacher.cfg.depth)
+    G = args.bridge_batch * world
+    for it in (bar := tqdm(range(args.bridge_steps), desc="stage 1: bridge", disable=not master)):
+        i = torch.randint(n_train, (G,), generator=gen)
+        sigma = mine(BR.sample_sigmas(G, *args.attn_sigma, shift, generator=gen))
+        noise = mine(torch.randn((G, 16, ht, ht), generator=gen))
+        zs, zt, i = mine(z_s[i]), mine(z_t[i]), mine(i).cpu()
+        with amp(), TM.lora_enabled(teacher, False):
+            zh = bridge(zs)
+            rec = BR.reconstruction_loss(zh, zt)
+            attn = BR.attention_fidelity_loss(teacher, zh, zt, *ctx_of(pidx[i]), sigma, noise, blocks, guid(len(i))) \
+                if args.attn_weight else torch.zeros((), device=device)
+            rec_naive = BR.reconstruction_loss(naive(zs), zt)  # the baseline: same data, same steps, reconstruction
+        (args.rec_weight * rec + args.attn_weight * attn + rec_naive).backward()
+        all_reduce_grads(opt_b.param_groups[0]["params"])
+        opt_b.step()
+        opt_b.zero_grad(set_to_none=True)
+        bar.set_postfix(rec=f"{rec.item():.4f}", attn=f"{attn.item():.4f}", naive=f"{rec_naive.item():.4f}")
+        log(dict(stage="bridge", step=it + 1, rec=rec.item(), attn=attn.item(), naive=rec_naive.item()))
+
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    with torch.no_grad(), amp():  # the report: held-out reconstruction and cost per sample
+        zs, zt = z_s[n_train:].to(device), z_t[n_train:].to(device)
+        mse = {name: BR.reconstruction_loss(f(zs), zt).item() for name, f in (("bridge", bridge), ("naive", naive))}
+        mse["zero"] = zt.float().pow(2).mean().item()
+        cost = {}
+        for name, f in (("bridge", bridge), ("exact", exact)):
+            f(zs[:args.bridge_batch])  # warm-up
+            sync()
+            t0 = time.perf_counter()
+            for i in range(0, len(zs), args.bridge_batch):
+                f(zs[i:i + args.bridge_batch])
+            sync()
+            cost[name] = 1000 * (time.perf_counter() - t0) / len(zs)
+    report = dict(stage="bridge_eval", mse_bridge=mse["bridge"], mse_naive=mse["naive"], mse_zero=mse["zero"],
+                  ms_bridge=cost["bridge"], ms_exact=cost["exact"], held_out=len(zs), steps=args.bridge_steps)
+    log(report)
+    if master:
+        print(f"{bridge.describe()}\nbridge: held-out ({len(zs)} latents) reconstruction MSE {mse['bridge']:.4f} | "
+              f"naive {mse['naive']:.4f} | predicting zero {mse['zero']:.4f}\nbridge: cost {cost['bridge']:.2f} "
+              f"ms/sample vs exact decode-resize-encode {cost['exact']:.2f} ms/sample "
+              f"({cost['exact'] / cost['bridge']:.1f}x faster)")
+        save_atomic(bridge.state_dict(), out / "bridge.safetensors", {"report": json.dumps(report)})
+    del z_s, z_t, naive, opt_b
+
+# ----------------------------------------------------------------------------- stage 2: setup
+abar = sd15_alphas_cumprod()[999].item()  # 0.0047: SD 1.5 scaled-linear schedule at t = 999
+raw_teacher = teacher
+if args.compile:  # compile, then wrap (nanoGPT order)
+    model_c, teacher = torch.compile(model), torch.compile(teacher)
+else:
+    model_c = model
+if ddp:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    model_c = DDP(model_c, device_ids=[device.index] if cuda else None)
+    teacher = teacher if args.fsdp else DDP(teacher, device_ids=[device.index] if cuda else None)
+bridge.requires_grad_(args.bridge_lr > 0)
+optimizers = {"student": torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay),
+              "lora": torch.optim.AdamW([q for _, q in lora], lr=args.fake_lr, weight_decay=args.weight_decay)}
+if args.bridge_lr > 0:
+    optimizers["projector"] = torch.optim.AdamW(bridge.parameters(), lr=args.bridge_lr, weight_decay=0.0)
+gen = torch.Generator().manual_seed(args.seed + 3)  # every random draw of the loop: saved in the checkpoint
+full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t  # DTensor (FSDP) -> the whole tensor
+
+
+def save_checkpoint(step):
+    """Trainable state, optimizers, EMA, step, RNG and config in ONE safetensors file (no pickle), atomically."""
+    tensors = {f"student.{k}": v for k, v in model.state_dict().items()}
+    tensors |= {f"projector.{k}": v for k, v in bridge.state_dict().items()}
+    tensors |= {f"lora.{n}": full(q) for n, q in lora}  # a collective under FSDP: every rank calls this
+    tensors |= {f"ema.{k}": v for k, v in ema.state_dict().items()} if ema is not None else {}
+    meta = {"format": "cross-space-distill/1", "config": json.dumps(config), "step": str(step),
+            "student": args.student, "rng": json.dumps({"python": random.getstate(), "numpy": [
+                str(x) for x in np.random.get_state()[2:]]})}
+    for name, opt in optimizers.items():  # flattened: tensors by "opt.NAME.INDEX.FIELD", the rest as JSON
+        sd = opt.state_dict()
+        tensors |= {f"opt.{name}.{i}.{k}": full(v) for i, s in sd["state"].items() for k, v in s.items()}
+        meta[f"opt.{name}"] = json.dumps(sd["param_groups"])
+    tensors |= {"rng.torch": torch.get_rng_state(), "rng.data": gen.get_state(),
+                "rng.numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64))}
+    if cuda:
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:  # the NaN guard's second line: never replace a good checkpoint by a bad one
+        raise UsageError(f"non-finite values in {bad[:3]} at step {step}: stopped; {ckpt_path} keeps the last good "
+                         "checkpoint")
+    if master:
+        save_atomic(tensors, ckpt_path, meta)
+
+
+start = 0
+if args.resume:
+    with safe_open(str(ckpt_path), "pt") as f:
+        meta = f.metadata()
+    start = int(meta["step"])
+    for name, opt in optimizers.items():
+        params = [q for group in opt.param_groups for q in group["params"]]
+        state = {}
+        for k, v in part(f"opt.{name}.").items():
+            i, field = k.split(".", 1)
+            q = params[int(i)]
+            if hasattr(q, "device_mesh") and v.ndim:  # FSDP: shard the full tensor like its parameter
+                from torch.distributed.tensor import distribute_tensor
+                v = distribute_tensor(v.to(q.device), q.device_mesh, q.placements)
+            state.setdefault(int(i), {})[field] = v
+        opt.load_state_dict({"state": state, "param_groups": json.loads(meta[f"opt.{name}"])})
+    rng = json.loads(meta["rng"])
+    torch.set_rng_state(ck["rng.torch"])
+    gen.set_state(ck["rng.data"])
+    random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
+    np.random.set_state(("MT19937", ck["rng.numpy"].numpy().astype(np.uint32), int(rng["numpy"][0]),
+                         int(rng["numpy"][1]), float(rng["numpy"][2])))
+    torch.cuda.set_rng_state(ck["rng.cuda"]) if cuda and "rng.cuda" in ck else None
+    if master and log_path.exists():  # drop log lines past the checkpoint (a crash after logging)
+        lines = [ln for ln in log_path.read_text().splitlines()
+                 if json.loads(ln).get("stage") != "distill" or json.loads(ln)["step"] <= start]
+        (tmp := out / ".log.jsonl").write_text("".join(ln + "\n" for ln in lines))
+        os.replace(tmp, log_path)
+    del ck
+
+
+@torch.no_grad()
+def save_grid(step):
+    """One-step samples of fixed prompts and seeds (row 1: student, row 2: EMA), decoded with the student VAE."""
+    n = min(4, len(cache.prompts))
+    noise = torch.randn((n, 4, hs, hs), generator=torch.Generator().manual_seed(1234)).to(device)
+    ctx = cache.student_context[:n].to(device)
+    rows = []
+    for m in [model] + ([ema] if ema is not None else []):
+        with amp():
+            eps = m(noise, torch.full((n,), 999, device=device), ctx).float()
+            rows.append(svae.decode(((noise - (1 - abar) ** 0.5 * eps) / abar ** 0.5).to(dt)).float())
+    img = torch.cat([torch.cat(list(r), dim=-1) for r in rows], dim=-2)  # (3, rows * H, n * W)
+    Image.fromarray(to_uint8(img[None])[0]).save(tmp := out / f".grid_{step:06d}.png")
+    os.replace(tmp, out / f"grid_{step:06d}.png")
+
+
+def check_finite(step, **losses) -> dict:
+    """The NaN guard: every rank sees the same verdict, before any update. Returns the losses averaged over ranks
+    (= the global batch's, for the log)."""
+    v = torch.stack([x.detach().float().reshape(()) for x in losses.values()])
+    dist.all_reduce(v) if ddp else None
+    v = v / world
+    if not torch.isfinite(v).all():
+        values = ", ".join(f"{k}={x:.4g}" for k, x in zip(losses, v.tolist(), strict=True))
+        raise UsageError(f"non-finite loss at step {step + 1} ({values}): stopped; {ckpt_path} keeps the last good "
+                         "checkpoint" + ("" if ckpt_path.exists() else " (none written yet)"))
+    return dict(zip(losses, v.tolist(), strict=True))
+
+
+# ----------------------------------------------------------------------------- stage 2: the loop
+B, G = args.batch_size, args.batch_size * world
+t999 = torch.full((B,), 999, device=device)
+lo, hi = args.sigma_range
+unc_ctx, unc_pooled = cache.negative_teacher_context.to(device), cache.negative_teacher_pooled.to(device)
+t0 = time.time()
+for step in (bar := tqdm(range(start, args.steps), desc="stage 2: distill", disable=not master, initial=start,
+                         total=args.steps)):
+    gen_step = step % args.fake_steps_per_gen == 0  # the two-time-scale rule (DMD2)
+    idx = torch.randint(len(cache.prompts), (G,), generator=gen)
+    noise = mine(torch.randn((G, 4, hs, hs), generator=gen))
+    idx = mine(idx).cpu()
+    t_ctx, t_pooled = ctx_of(idx)
+    with torch.set_grad_enabled(gen_step), amp():
+        eps = model_c(noise, t999, cache.student_context[idx].to(device))
+        z_s = (noise - (1 - abar) ** 0.5 * eps.float()) / abar ** 0.5  # x0 from eps at t = 999, fp32
+        z_t = bridge(z_s)  # into teacher space: frozen decoder + projector; gradients flow back to the student
+    rec = {"step": step + 1, "stage": "distill"}
+    if gen_step:
+        sigma = mine(BR.sample_sigmas(G, lo, hi, shift, generator=gen))
+        x = BR.add_noise(z_t.detach(), mine(torch.randn((G, 16, ht, ht), generator=gen)), sigma)
+        with torch.no_grad(), amp():
+            with TM.lora_enabled(raw_teacher, False):  # real score: the frozen teacher
+                if family == "sd3" and args.cfg > 1:
+                    v_u, v_c = teacher(torch.cat([x, x]), sigma.repeat(2), torch.cat([unc_ctx.expand_as(t_ctx), t_ctx]),
+                                       torch.cat([unc_pooled.expand_as(t_pooled), t_pooled])).float().chunk(2)
+                    v_real = v_u + args.cfg * (v_c - v_u)
+                else:
+                    v_real = teacher(x, sigma, t_ctx, t_pooled, guid(B))
+            v_fake = teacher(x, sigma, t_ctx, t_pooled, guid(B))  # fake score: teacher + LoRA
+        loss_g = BR.dmd_generator_loss(z_t, BR.x0_from_v(x, sigma, v_real), BR.x0_from_v(x, sigma, v_fake))
+        loss_b = torch.zeros((), device=device)
+        if args.bridge_lr > 0:  # keep the fine-tuned projector faithful: its reconstruction on these samples
+            with amp():
+                loss_b = BR.reconstruction_loss(bridge(z_s.detach()), exact(z_s.detach()))
+        rec |= check_finite(step, loss_gen=loss_g, **({"loss_rec": loss_b} if args.bridge_lr > 0 else {}))
+        (loss_g + args.rec_weight * loss_b).backward()
+        all_reduce_grads(bridge.parameters()) if args.bridge_lr > 0 else None
+        rec["grad_norm_gen"] = full(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)).item()
+        for name in ("student", "projector"):
+            if name in optimizers:
+                optimizers[name].step()
+                optimizers[name].zero_grad(set_to_none=True)
+        if ema is not None:
+            torch._foreach_lerp_(list(ema.parameters()), [q.detach() for q in model.parameters()], 1 - args.ema)
+    # fake score: flow matching on the detached samples (LoRA on)
+    x0 = z_t.detach().float()
+    sigma = mine(BR.sample_sigmas(G, lo, hi, shift, generator=gen))
+    n = mine(torch.randn((G, 16, ht, ht), generator=gen))
+    with amp():
+        loss_f = BR.flow_matching_loss(teacher(BR.add_noise(x0, n, sigma), sigma, t_ctx, t_pooled, guid(B)), x0, n)
+    rec |= check_finite(step, loss_fake=loss_f)
+    loss_f.backward()
+    rec["grad_norm_fake"] = full(torch.nn.utils.clip_grad_norm_([q for _, q in lora], args.grad_clip)).item()
+    optimizers["lora"].step()
+    optimizers["lora"].zero_grad(set_to_none=True)
+    log(rec)
+    bar.set_postfix({k: f"{v:.4f}" for k, v in rec.items() if k.startswith("loss")})
+    if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps:
+        save_checkpoint(step + 1)
+    if master and ((step + 1) % args.sample_every == 0 or step + 1 == args.steps):
+        save_grid(step + 1)
+
+# ----------------------------------------------------------------------------- export
+if master:
+    meta = {"distilled": "1", "steps": "1", "timestep": "999", "teacher": args.teacher, "step": str(args.steps)}
+    svae_fp32 = V.load_vae(args.student, family="sd15")  # the student's own VAE and CLIP-L, as released (fp32)
+    clip = TE.load_clip(find_component(args.student, "text_encoder"))
+    export_sd15_single_file(model, svae_fp32, clip, out / "student.safetensors", meta)
+    if ema is not None:
+        export_sd15_single_file(ema, svae_fp32, clip, out / "student_ema.safetensors", meta | {"ema": str(args.ema)})
+    if args.bridge_lr > 0 or not (out / "bridge.safetensors").exists():  # fine-tuned, or stage 1 was skipped
+        save_atomic(bridge.state_dict(), out / "bridge.safetensors")
+    print(f"stage 2: {args.steps - start} steps in {time.time() - t0:.1f}s; run {time.time() - t_start:.1f}s; "
+          f"wrote {out}/: student.safetensors{', student_ema.safetensors' if ema is not None else ''}, "
+          "bridge.safetensors, log.jsonl, grid_*.png, checkpoint.safetensors")
+if ddp:
+    dist.destroy_process_group()

@@ -1,0 +1,240 @@
+"""distill.py on the tiny preset: the loop (finite losses, what changes and what must not), resume = uninterrupted,
+2-process torchrun (DDP, and FSDP for the teacher) = one process with the same global batch, the NaN guard, and
+bad input (one `error:` line, non-zero exit, nothing overwritten)."""
+import hashlib
+import json
+import math
+import os
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from bridge import Bridge
+from teacher_mmdit import LoRALinear
+from vae import load_vae
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--latents", "12", "--held-out", "4", "--bridge-steps", "4", "--fake-steps-per-gen", "2", "--sample-every",
+        "3", "--ckpt-every", "3", "--batch-size", "2"]
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def start(args, nproc=1):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)] if nproc > 1 else \
+        [sys.executable]
+    return subprocess.Popen(launcher + [str(ROOT / "distill.py"), *map(str, args)], cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc):
+    out, err = proc.communicate(timeout=300)
+    return proc.returncode, out, err
+
+
+def run(args, nproc=1):
+    return finish(start(args, nproc))
+
+
+def records(out, stage="distill"):
+    return [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if r["stage"] == stage]
+
+
+def digest(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def main_run(tmp_path_factory):
+    """The uninterrupted run, in this process (so that its models can be inspected afterwards)."""
+    out = tmp_path_factory.mktemp("main")
+    argv, threads = sys.argv, torch.get_num_threads()
+    sys.argv = ["distill.py", *FAST, "--steps", "6", "--out", str(out)]
+    torch.set_num_threads(1)
+    try:
+        g = runpy.run_path(str(ROOT / "distill.py"), run_name="__main__")
+    finally:
+        sys.argv, sys.excepthook = argv, sys.__excepthook__
+        torch.set_num_threads(threads)
+    return out, g
+
+
+def test_tiny_loop(main_run):
+    out, g = main_run
+    logged = records(out)
+    assert [r["step"] for r in logged] == [1, 2, 3, 4, 5, 6]
+    assert all(math.isfinite(v) for r in logged for k, v in r.items() if k.startswith(("loss", "grad")))
+    assert [r["step"] for r in logged if "loss_gen" in r] == [1, 3, 5]  # every --fake-steps-per-gen
+    assert len(records(out, "bridge")) == 4
+    report = records(out, "bridge_eval")[0]
+    assert all(math.isfinite(report[k]) and report[k] > 0 for k in ("mse_bridge", "mse_naive", "ms_bridge", "ms_exact"))
+
+    base = load_file(out / "tiny" / "student.safetensors")
+    teacher_file = load_file(out / "tiny" / "teacher.safetensors")
+    # the student changed, and the exported file holds it with the distilled marking
+    student = g["model"].state_dict()
+    assert any(not torch.equal(v, base["model.diffusion_model." + k]) for k, v in student.items())
+    exported = load_file(out / "student.safetensors")
+    assert all(torch.equal(exported["model.diffusion_model." + k], v) for k, v in student.items())
+    with safe_open(str(out / "student.safetensors"), "pt") as f:
+        assert f.metadata()["distilled"] == "1" and f.metadata()["steps"] == "1"
+    # the projector trained in stage 1 (same seed, same constructor = its init), and was saved
+    torch.manual_seed(0)
+    init = Bridge(load_vae(out / "tiny" / "student.safetensors", family="sd15"), 16, 2, 32, 1).state_dict()
+    trained = g["bridge"].state_dict()
+    assert any(not torch.equal(init[k], trained[k]) for k in init)
+    assert all(torch.equal(v, trained[k]) for k, v in load_file(out / "bridge.safetensors").items())
+    # the LoRA (fake score) trained: its up-projections start at zero
+    loras = [m for m in g["raw_teacher"].modules() if isinstance(m, LoRALinear)]
+    assert loras and any(m.lora_up.weight.abs().max() > 0 for m in loras)
+    # frozen: teacher base weights, both VAEs (the student's decoder is the Bridge's) bitwise equal to the files
+    teacher = {k: v for k, v in g["raw_teacher"].state_dict().items() if ".lora_" not in k}
+    assert teacher.keys() == {k[22:] for k in teacher_file if k.startswith("model.diffusion_model.")}
+    assert all(torch.equal(v, teacher_file["model.diffusion_model." + k]) for k, v in teacher.items())
+    for vae, file, name in ((g["tvae"], teacher_file, "teacher"), (g["svae"], base, "student")):
+        assert all(torch.equal(v, file["first_stage_model." + k]) for k, v in vae.state_dict().items()), name
+    assert g["bridge"].vae is g["svae"]
+    for name in ("grid_000003.png", "grid_000006.png", "checkpoint.safetensors", "student_ema.safetensors"):
+        assert (out / name).is_file(), name
+    assert Image.open(out / "grid_000006.png").size == (4 * 64, 2 * 64)  # 4 prompts; student and EMA rows
+
+
+def test_resume_reproduces_the_uninterrupted_run(main_run, tmp_path):
+    full, _ = main_run
+    out = tmp_path / "b"
+    rc, _, err = run([*FAST, "--steps", "3", "--out", out])
+    assert rc == 0, err
+    with safe_open(str(out / "checkpoint.safetensors"), "pt") as f:
+        assert f.metadata()["step"] == "3"
+    rc, _, err = run([*FAST, "--steps", "6", "--out", out, "--resume"])
+    assert rc == 0, err
+    a, b = records(full), records(out)
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    for ra, rb in zip(a, b, strict=True):
+        assert ra.keys() == rb.keys()
+        for k in set(ra) - {"stage"}:
+            assert rb[k] == pytest.approx(ra[k], rel=1e-5, abs=1e-7), (ra["step"], k)
+
+
+def explicit(main, out, *extra):
+    """The tiny models by path (no preset), stage 1 skipped with the main run's projector and text cache."""
+    return ["--student", main / "tiny" / "student.safetensors", "--teacher", main / "tiny" / "teacher.safetensors",
+            "--bridge", main / "bridge.safetensors", "--text-cache", main / "text_cache.safetensors",
+            "--student-res", "64", "--teacher-res", "128", "--bridge-width", "32", "--bridge-depth", "1",
+            "--lora-rank", "4", "--lr", "1e-4", "--fake-lr", "1e-3", "--ema", "0", "--out", out, *extra]
+
+
+def test_two_processes_match_one(main_run, tmp_path):
+    main, _ = main_run
+    def args(name, batch, *extra):  # stage 1 too (2 steps), so that it is data-parallel-checked as well
+        a = explicit(main, tmp_path / name, "--steps", "1", "--batch-size", batch, "--bridge-batch", batch,
+                     "--latents", "6", "--held-out", "2", "--bridge-steps", "2", *extra)
+        return [x for x in a if x not in ("--bridge", main / "bridge.safetensors")]
+
+    procs = {"one": start(args("one", 2)), "ddp": start(args("ddp", 1), nproc=2),
+             "fsdp": start(args("fsdp", 1, "--fsdp"), nproc=2)}
+    results = {k: finish(p) for k, p in procs.items()}
+    for k, (rc, _, err) in results.items():
+        assert rc == 0, (k, err[-3000:])
+    base = load_file(main / "tiny" / "student.safetensors")
+    one = load_file(tmp_path / "one" / "student.safetensors")
+    keys = [k for k in base if k.startswith("model.diffusion_model.")]
+    update = torch.cat([(one[k] - base[k]).flatten() for k in keys])
+    assert update.abs().max() > 0.5e-4  # one AdamW step at lr 1e-4 moved the student
+    for name in ("ddp", "fsdp"):
+        other = load_file(tmp_path / name / "student.safetensors")
+        diff = torch.cat([(other[k] - one[k]).flatten() for k in keys])
+        # AdamW divides by sqrt(v): elements with near-zero gradients amplify float noise; bound both ways
+        assert (diff.norm() / update.norm()).item() < 1e-3, name
+        assert diff.abs().max().item() < 0.05 * 1e-4, name
+        # the logged losses and gradient norms are the global batch's (all-reduced), as one process logs them
+        (ra,), (rb,) = records(tmp_path / "one"), records(tmp_path / name)
+        pa, pb = load_file(tmp_path / "one" / "bridge.safetensors"), load_file(tmp_path / name / "bridge.safetensors")
+        d = torch.cat([(pa[k] - pb[k]).flatten() for k in pa])  # stage 1's projector (2 steps at lr 1e-3)
+        assert d.norm() < 1e-4 * torch.cat([v.flatten() for v in pa.values()]).norm() and d.abs().max() < 1e-4, name
+        assert ra.keys() == rb.keys()
+        for k in set(ra) - {"stage"}:
+            assert rb[k] == pytest.approx(ra[k], rel=1e-4), (name, k)
+
+
+def test_images_then_nan_guard(main_run, tmp_path):
+    """Stage 1 from a folder of images; then a fake-score learning rate of 1e30 blows the LoRA up: the guard stops
+    the run with one error line and the checkpoint on disk is the last good (finite) one."""
+    main, _ = main_run
+    rng = np.random.default_rng(0)
+    (tmp_path / "imgs").mkdir()
+    for i in range(6):  # non-square, to exercise the centre crop
+        Image.fromarray(rng.integers(0, 255, (80, 96, 3), dtype=np.uint8)).save(tmp_path / "imgs" / f"{i}.png")
+    out = tmp_path / "o"
+    args = explicit(main, out, "--steps", "6", "--images", tmp_path / "imgs", "--latents", "6", "--held-out", "2",
+                    "--bridge-steps", "2", "--bridge-batch", "2", "--fake-lr", "1e30", "--ckpt-every", "1",
+                    "--fake-steps-per-gen", "1", "--bridge-lr", "1e-4")  # the projector fine-tuned too
+    args.remove("--bridge")
+    args.remove(main / "bridge.safetensors")
+    rc, stdout, err = run(args)
+    assert "reconstruction MSE" in stdout and "ms/sample" in stdout, err[-2000:]
+    assert load_file(out / "bridge_targets.safetensors")["z_s"].shape == (6, 4, 8, 8)
+    assert rc != 0 and err.strip().splitlines()[-1].startswith("error: non-finite"), err[-2000:]
+    with safe_open(str(out / "checkpoint.safetensors"), "pt") as f:
+        step = int(f.metadata()["step"])
+    ck = load_file(out / "checkpoint.safetensors")
+    assert any(k.startswith("opt.projector.") for k in ck) and any(k.startswith("opt.lora.") for k in ck)
+    assert 1 <= step < 6 and all(torch.isfinite(v).all() for v in ck.values() if v.is_floating_point())
+    assert not (out / "student.safetensors").exists()
+
+
+def in_process(args, capsys):
+    """(exit code, stderr) of the script run here: the quick way for most bad-input cases (no torch import);
+    an escaping exception goes to the script's own sys.excepthook, as the interpreter would send it."""
+    argv, sys.argv = sys.argv, ["distill.py", *map(str, args)]
+    capsys.readouterr()
+    try:
+        runpy.run_path(str(ROOT / "distill.py"), run_name="__main__")
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    except Exception as e:
+        sys.excepthook(type(e), e, e.__traceback__)
+        code = 1
+    finally:
+        sys.argv, sys.excepthook = argv, sys.__excepthook__
+    return code, capsys.readouterr().err
+
+
+def test_bad_input(main_run, tmp_path, capsys):
+    main, _ = main_run
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    (tmp_path / "file").write_text("x")
+    tiny = main / "tiny"
+    before = digest(main / "checkpoint.safetensors")
+    cases = {  # name: (arguments, a word the message must hold, run as a real process?)
+        "teacher is SD 1.5": (["--student", tiny / "student.safetensors", "--teacher", tiny / "student.safetensors",
+                               "--out", tmp_path / "a"], "SD3/FLUX", True),
+        "resume, other config": ([*FAST, "--out", main, "--resume", "--lora-rank", "8"], "configuration", True),
+        "student is a teacher": (["--student", tiny / "teacher.safetensors", "--teacher", tiny / "teacher.safetensors",
+                                  "--out", tmp_path / "b"], "SD 1.5", False),
+        "empty prompts": (["--prompts", tmp_path / "empty.txt", "--out", tmp_path / "c"], "no prompts", False),
+        "missing prompts": (["--prompts", tmp_path / "nope.txt", "--out", tmp_path / "d"], "not found", False),
+        "unwritable out": (["--out", tmp_path / "file" / "sub"], "cannot write", False),
+        "one model only": (["--student", tiny / "student.safetensors", "--out", tmp_path / "e"], "--teacher", False),
+        "fresh run, old checkpoint": ([*FAST, "--out", main], "--resume", False),
+        "bad flag value": (["--batch-size", "0", "--out", tmp_path / "f"], "--batch-size", False),
+    }
+    procs = {name: start(args) for name, (args, _, real) in cases.items() if real}
+    results = {name: in_process(args, capsys) for name, (args, _, real) in cases.items() if not real}
+    results |= {name: finish(proc)[::2] for name, proc in procs.items()}
+    for name, (rc, err) in results.items():
+        assert rc != 0, name
+        assert err.strip().startswith("error: ") and "\n" not in err.strip(), (name, err[-2000:])
+        assert cases[name][1] in err, (name, err)
+    for d in "abcdef":  # nothing written
+        assert not (tmp_path / d).exists() or not any((tmp_path / d).iterdir()), d
+    assert (tmp_path / "file").read_text() == "x"
+    assert digest(main / "checkpoint.safetensors") == before
