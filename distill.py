@@ -590,7 +590,8 @@ for step in (bar := tqdm(range(start, args.steps), desc="stage 2: distill", disa
 
 # ----------------------------------------------------------------------------- export
 if master:
-    meta = {"distilled": "1", "steps": "1", "timestep": "999", "teacher": args.teacher, "step": str(args.steps)}
+    meta = {"distilled": "1", "steps": "1", "timestep": "999", "resolution": str(args.student_res),
+            "teacher": args.teacher, "step": str(args.steps)}
     svae_fp32 = V.load_vae(args.student, family="sd15")  # the student's own VAE and CLIP-L, as released (fp32)
     clip = TE.load_clip(find_component(args.student, "text_encoder"))
     export_sd15_single_file(model, svae_fp32, clip, out / "student.safetensors", meta)

@@ -48,6 +48,7 @@ from unet import load_unet
 from vae import load_vae
 from weights import Checkpoint, CheckpointError, describe, find_component
 
+DISTILLED = "out/student.safetensors"  # what `python distill.py` writes by default
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # (steps, guidance, size in px): the diffusers pipelines' defaults (SD 1.5 7.5; SD3 28 steps, 7.0; FLUX.1-dev 28
 # steps, 3.5) except SD 1.5's steps (25: DDIM is converged there; the pipeline says 50) and schnell's 4 (model card).
@@ -105,6 +106,26 @@ def sample_sd15(unet, clip, tokenizer, prompt, negative, noise, steps, cfg, prog
             eps = eps_u + cfg * (eps_c - eps_u)
         x = ddim_step(x, eps, alphas[i], alphas_prev[i])
     return x
+
+
+@torch.no_grad()
+def sample_one_step(unet, clip, tokenizer, prompt, noise, steps=1, t_start=999, generator=None) -> torch.Tensor:
+    """A distilled student (distill.py): x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) from pure noise at t = 999, in
+    fp32 (abar(999) = 0.0047, so eps errors are amplified ~15x). No CFG: the teacher's guidance is distilled in.
+    steps > 1 (DMD2's multi-step sampling): re-noise x0 with fresh noise to the next of `steps` evenly spaced
+    timesteps (999, 749, 499, 249 for 4) and predict again."""
+    B, dev, dtype = noise.shape[0], noise.device, next(unet.parameters()).dtype
+    context = clip(tokenizer.encode([prompt] * B).to(dev)).last_hidden_state
+    ac = sd15_alphas_cumprod()
+    ts = [t_start - k * ((t_start + 1) // steps) for k in range(steps)]
+    x = noise.float()
+    for i, t in enumerate(ts):
+        eps = unet(x.to(dtype), torch.full((B,), t, device=dev), context).float()
+        x0 = (x - (1 - ac[t]) ** 0.5 * eps) / ac[t] ** 0.5
+        if i + 1 < len(ts):
+            fresh = torch.randn(x.shape, generator=generator).to(dev)
+            x = ac[ts[i + 1]] ** 0.5 * x0 + (1 - ac[ts[i + 1]]) ** 0.5 * fresh
+    return x0
 
 
 # ----------------------------------------------------------------------------- teachers: Euler flow matching
@@ -237,7 +258,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("what")
     g.add_argument("--prompt", required=True)
     g.add_argument("--negative-prompt", default="", help="the unconditional branch of CFG (default: empty)")
-    g.add_argument("--ckpt", required=True, help="single .safetensors file or diffusers pipeline folder")
+    g.add_argument("--ckpt", default=DISTILLED, help="single .safetensors file or diffusers pipeline folder "
+                   "(default: the student that `python distill.py` wrote)")
     g.add_argument("--text-encoders", help="teachers: folder of clip_l/clip_g/t5xxl safetensors, or a pipeline root")
     g.add_argument("--t5-tokenizer", help="teachers: T5 tokenizer.json or spiece.model (default: found beside T5)")
     g.add_argument("--vae", help="teachers: VAE file or folder (FLUX: ae.safetensors)")
@@ -260,15 +282,23 @@ def run(args) -> list[Path]:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device}: this torch build sees no CUDA device")
+    if args.ckpt == DISTILLED and not Path(DISTILLED).exists():
+        raise UsageError(f"--ckpt: no {DISTILLED} yet; run `python distill.py` first, or name a checkpoint")
     family, tcfg = detect(args.ckpt)
+    # distill.py marks its students: one step from t = 999 by default, at the resolution they were trained at
+    meta = Checkpoint(args.ckpt).metadata if family == "sd15" and Path(args.ckpt).is_file() else {}
+    distilled = meta.get("distilled") == "1"
     flux_dev = family == "flux" and tcfg.guidance_embed
     # fp16 overflows in T5 and the FLUX/SD3.5 activations; SD 1.5 is released and run in fp16.
     dtype = DTYPES[args.dtype or ("fp32" if device.type == "cpu" else "fp16" if family == "sd15" else "bf16")]
     steps, cfg, size = DEFAULTS[family if family != "flux" else "flux_dev" if flux_dev else "flux_schnell"]
+    if distilled:
+        steps, cfg, size = int(meta.get("steps", 1)), None, int(meta.get("resolution", size))
+        if args.cfg is not None:
+            raise UsageError("--cfg: a distilled student runs without CFG (the teacher's guidance is distilled in)")
     steps, cfg = args.steps or steps, cfg if args.cfg is None else args.cfg
     width, height = args.width or size, args.height or size
-    # SD 1.5: the VAE's 8x, then the UNet's 3 halvings whose skips must match on the way up; teachers: 8x, patch 2.
-    multiple = 64 if family == "sd15" else 16
+    multiple = 8 if family == "sd15" else 16  # the VAE's 8x; teachers also patchify 2x2
     if width % multiple or height % multiple:
         raise UsageError(f"--width {width} / --height {height}: {family} needs multiples of {multiple}")
     if family == "sd15" and steps > 999:  # "leading" spacing with steps_offset 1 would index timestep 1000
@@ -297,11 +327,16 @@ def run(args) -> list[Path]:
         unet = load_unet(args.ckpt, dtype=dtype, device=device)
         # Single files carry no tokenizer; a pipeline's `tokenizer/` is the same CLIP BPE: the repo's copy serves both.
         clip = load_clip(find_component(args.ckpt, "text_encoder"), dtype=dtype, device=device)
-        latents = sample_sd15(unet, clip, CLIPTokenizer(), args.prompt, args.negative_prompt, noise, steps, cfg,
-                              progress)
+        if distilled:
+            latents = sample_one_step(unet, clip, CLIPTokenizer(), args.prompt, noise, steps,
+                                      int(meta.get("timestep", 999)), gen)
+            params.update(sampler="distilled", distilled_steps=steps)
+        else:
+            latents = sample_sd15(unet, clip, CLIPTokenizer(), args.prompt, args.negative_prompt, noise, steps, cfg,
+                                  progress)
+            params.update(sampler="ddim", cfg=cfg)
         del unet, clip
         vae = load_vae(args.ckpt, family="sd15", dtype=dtype, device=device)
-        params.update(sampler="ddim", cfg=cfg)
     else:
         vae_path = find_vae(args)
         # Text first, then the encoders are dropped: T5-XXL and a 12B transformer need not share the GPU.

@@ -172,20 +172,24 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(ch, ch, 3, padding=1)
 
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    def forward(self, x, size):
+        # nearest 2x in LDM; to the skip's size when the map is odd-sized (diffusers' upsample_size), which is the
+        # same as 2x whenever the latent side is a multiple of 8
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))
 
 
 class Block(nn.ModuleList):
     """One `input_blocks.N` / `middle_block` / `output_blocks.N`: layers fed what each needs (LDM's
     TimestepEmbedSequential)."""
 
-    def forward(self, x, emb, context):
+    def forward(self, x, emb, context, size=None):
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, size)
             else:
                 x = layer(x)
         return x
@@ -230,18 +234,15 @@ class UNet(nn.Module):
 
         self.out = nn.Sequential(GroupNorm(groups, ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
 
-    def _run(self, block, x, emb, context):
+    def _run(self, block, x, emb, context, size=None):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(block, x, emb, context, use_reentrant=False)
-        return block(x, emb, context)
+            return checkpoint(block, x, emb, context, size, use_reentrant=False)
+        return block(x, emb, context, size)
 
     def forward(self, x, t, context):
         """x (B, in_channels, h, w) noisy latent, t (B,) or scalar DDPM timestep 0..999 (int or float),
         context (B, 77, context_dim) text states -> eps (B, out_channels, h, w)."""
-        B, _, h, w = x.shape
-        f = 2 ** (len(self.cfg.channel_mult) - 1)  # the skips must match after each halving and doubling
-        if h % f or w % f:
-            raise ValueError(f"latent size {h}x{w} is not a multiple of {f}")
+        B = x.shape[0]
         dtype = self.out[2].weight.dtype  # run in the weights' dtype (bf16 weights -> bf16 compute)
         x, context = x.to(dtype), context.to(dtype)
         t = torch.as_tensor(t, device=x.device)
@@ -254,7 +255,8 @@ class UNet(nn.Module):
             hs.append(x)
         x = self._run(self.middle_block, x, emb, context)
         for block in self.output_blocks:
-            x = self._run(block, torch.cat([x, hs.pop()], dim=1), emb, context)
+            x = torch.cat([x, hs.pop()], dim=1)
+            x = self._run(block, x, emb, context, hs[-1].shape[-2:] if hs else None)  # upsample to the next skip
         return self.out(x)
 
 

@@ -91,10 +91,12 @@ class Checkpoint:
                 self.path = single
         else:
             files = None
+        self.metadata = {}  # a single file's string metadata (e.g. distill.py marks its students)
         if files is None:  # one file: its header lists the keys
             header = _read_header(self.path)
             files = {k: self.path for k in header if k != "__metadata__"}
             self._info = {k: header[k] for k in files}
+            self.metadata = header.get("__metadata__") or {}
         else:
             self._info = {}
             for f in sorted(set(files.values())):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import sample
 
@@ -117,10 +117,12 @@ def _diffusers_images(pipe, batch, **kw):
     return [np.asarray(im) for im in images]
 
 
-@pytest.mark.parametrize("where,batch", [("pipeline", 1), ("pipeline", 2), ("single.safetensors", 1)])
-def test_sd15_matches_diffusers_pipeline(sd15_pipeline, tmp_path, where, batch):
+@pytest.mark.parametrize("where,batch,size", [("pipeline", 1, (128, 64)), ("pipeline", 2, (128, 64)),
+                                              ("single.safetensors", 1, (128, 64)), ("pipeline", 1, (88, 72))])
+def test_sd15_matches_diffusers_pipeline(sd15_pipeline, tmp_path, where, batch, size):
     pipe, root = sd15_pipeline
-    kw = dict(seed=3, steps=4, cfg=7.5, width=128, height=64)  # non-square: catches a swapped width/height
+    # non-square: catches a swapped width/height; 88x72 px: latents 11x9, not a multiple of the UNet's 8
+    kw = dict(seed=3, steps=4, cfg=7.5, width=size[0], height=size[1])
     out, ckpt = tmp_path / "img.png", root / where
     argv = ["--ckpt", str(ckpt), "--prompt", PROMPT, "--negative-prompt", NEGATIVE, "--out", str(out), "--quiet",
             "--device", "cpu", "--batch", str(batch)] + [f"--{k}={v}" for k, v in kw.items()]
@@ -130,7 +132,7 @@ def test_sd15_matches_diffusers_pipeline(sd15_pipeline, tmp_path, where, batch):
     for i, (path, ref) in enumerate(zip(paths, want, strict=True)):
         im = Image.open(path)
         got = np.asarray(im.convert("RGB"))
-        assert got.shape == ref.shape == (64, 128, 3)
+        assert got.shape == ref.shape == (size[1], size[0], 3)
         assert 20 < got.std() and (got > 0).mean() > 0.5 and (got < 255).mean() > 0.5  # a real image, not saturated
         assert np.abs(got.astype(int) - ref.astype(int)).max() <= 2
         params = json.loads(im.text["parameters"])
@@ -139,6 +141,32 @@ def test_sd15_matches_diffusers_pipeline(sd15_pipeline, tmp_path, where, batch):
         assert {k: params[k] for k in kw} == kw
         assert params.get("index", 0) == i
     assert not list(tmp_path.glob("*.tmp"))  # the atomic write left nothing behind
+
+
+def test_distilled_student_samples_in_one_step(sd15_pipeline, tmp_path):
+    """A file marked distilled (as distill.py writes it) samples in one step from t = 999 at its resolution, no CFG:
+    the same image as x0 = (noise - sqrt(1 - abar) eps) / sqrt(abar) from diffusers' own modules, decoded."""
+    pipe, root = sd15_pipeline
+    tensors = load_file(root / "single.safetensors")
+    meta = {"distilled": "1", "steps": "1", "timestep": "999", "resolution": "64"}
+    save_file(tensors, tmp_path / "student.safetensors", metadata=meta)
+    out = tmp_path / "one.png"
+    assert sample.main(["--ckpt", str(tmp_path / "student.safetensors"), "--prompt", PROMPT, "--seed", "5",
+                        "--out", str(out), "--quiet", "--device", "cpu"]) == 0
+    with torch.no_grad():
+        noise = torch.randn((1, 4, 8, 8), generator=torch.Generator("cpu").manual_seed(5))
+        ids = pipe.tokenizer([PROMPT], padding="max_length", max_length=77, return_tensors="pt").input_ids
+        eps = pipe.unet(noise, 999, encoder_hidden_states=pipe.text_encoder(ids)[0]).sample
+        abar = pipe.scheduler.alphas_cumprod[999]
+        x0 = (noise - (1 - abar) ** 0.5 * eps) / abar ** 0.5
+        ref = pipe.image_processor.postprocess(pipe.vae.decode(x0 / 0.18215).sample, output_type="np")
+    got = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    assert got.shape == (64, 64, 3) and got.std() > 5
+    assert np.abs(got - (ref[0] * 255).round().astype(int)).max() <= 2
+    assert json.loads(Image.open(out).text["parameters"])["sampler"] == "distilled"
+    code = sample.main(["--ckpt", str(tmp_path / "student.safetensors"), "--prompt", PROMPT, "--cfg", "3",
+                        "--out", str(out), "--quiet"])
+    assert code != 0  # CFG is distilled in: refused, not silently applied
 
 
 # ----------------------------------------------------------------------------- teachers
@@ -411,7 +439,7 @@ def test_bad_input_is_one_line(sd15_pipeline, sd3_pipeline, flux_schnell_files, 
         ("flux without text encoders", ["--ckpt", str(flux / "flux1-schnell.safetensors")], "--text-encoders"),
         ("flux without vae", ["--ckpt", str(lone), "--text-encoders", str(flux / "text_encoders")], "--vae"),
         ("width", ["--ckpt", str(sd15), "--width", "100"], "--width"),
-        ("height", ["--ckpt", str(sd15), "--height", "72"], "--height"),
+        ("height", ["--ckpt", str(sd15), "--height", "70"], "--height"),
         ("teacher width", schnell + ["--width", "72"], "--width"),
         ("sd3 beyond its position table", ["--ckpt", str(sd3), "--width", "512"], "--width"),
         ("negative steps", ["--ckpt", str(sd15), "--steps", "-3"], "--steps"),

@@ -110,7 +110,9 @@ def test_save_atomic_and_find_component(tmp_path):
     save_atomic({"w": torch.arange(4.0)}, tmp_path / "sub" / "x.safetensors", metadata={"k": "v"})
     assert [p.name for p in (tmp_path / "sub").iterdir()] == ["x.safetensors"]  # no temp file left behind
     assert (tmp_path / "sub" / "x.safetensors").stat().st_mode & 0o044  # readable by others, not mkstemp's 0600
-    torch.testing.assert_close(Checkpoint(tmp_path / "sub" / "x.safetensors").tensors()["w"], torch.arange(4.0))
+    ck = Checkpoint(tmp_path / "sub" / "x.safetensors")
+    torch.testing.assert_close(ck.tensors()["w"], torch.arange(4.0))
+    assert ck.metadata == {"k": "v"}
     (tmp_path / "pipe" / "unet").mkdir(parents=True)
     assert find_component(tmp_path / "pipe", "unet") == tmp_path / "pipe" / "unet"
     assert find_component(tmp_path / "sub", "unet") == tmp_path / "sub"
