@@ -152,6 +152,9 @@ def clip_config(shapes: dict, hf_config: dict | None = None, source="checkpoint"
     hf = hf_config or {}
     cfg = replace(cfg, act=hf.get("hidden_act", cfg.act), heads=hf.get("num_attention_heads", cfg.heads),
                   eps=hf.get("layer_norm_eps", cfg.eps))
+    if cfg.heads < 1 or cfg.width % cfg.heads:  # head size 64 in every released CLIP; a file can't say otherwise
+        raise CheckpointError(f"{source}: CLIP width {width} does not split into heads of 64; put a config.json "
+                              "(num_attention_heads) beside the weights")
     if cfg.act not in ("quick_gelu", "gelu"):
         raise CheckpointError(f"{source}: unsupported CLIP activation {cfg.act!r}")
     return cfg

@@ -238,3 +238,11 @@ def test_t5_full_size_layout():
     model = build_meta(T5Encoder, T5_PRESETS["t5xxl"])
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == want
     assert t5_config(want) == T5_PRESETS["t5xxl"]
+
+
+def test_clip_too_narrow_for_64_wide_heads_is_a_clear_error():
+    shapes = {"text_model.embeddings.token_embedding.weight": (10, 32),
+              "text_model.embeddings.position_embedding.weight": (77, 32),
+              "text_model.encoder.layers.0.mlp.fc1.weight": (64, 32)}
+    with pytest.raises(CheckpointError, match="x.safetensors: CLIP width 32 does not split into heads of 64"):
+        clip_config(shapes, source="x.safetensors")
