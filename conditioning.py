@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from text_encoders import CLIPTextModel, T5Encoder, load_clip, load_t5
-from tokenizer import CLIPTokenizer, T5Tokenizer
+from tokenizer import CLIPTokenizer, T5Tokenizer, find_clip_tokenizer
 from weights import Checkpoint, CheckpointError, describe, find_component, save_atomic
 
 SD3_JOINT_DIM = 4096  # SD3 / SD3.5 joint_attention_dim (= T5-XXL width): CLIP features are zero-padded to it
@@ -53,10 +53,12 @@ def sd15_context(clip_l: CLIPTextModel, tok: CLIPTokenizer, prompts: list[str]) 
 
 @torch.no_grad()
 def sd3_conditioning(clip_l: CLIPTextModel, clip_g: CLIPTextModel, t5: T5Encoder | None, prompts: list[str],
-                     t5_length: int = 256, t5_tok: T5Tokenizer | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """SD3 / SD3.5: (context (B, 77 + t5_length, 4096), pooled (B, 2048)), on clip_l's device and dtype."""
-    out_l = _run(clip_l, clip_tokenizer(49407).encode(prompts))
-    out_g = _run(clip_g, clip_tokenizer(0).encode(prompts))
+                     t5_length: int = 256, t5_tok: T5Tokenizer | None = None, tok_l: CLIPTokenizer | None = None,
+                     tok_g: CLIPTokenizer | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """SD3 / SD3.5: (context (B, 77 + t5_length, 4096), pooled (B, 2048)), on clip_l's device and dtype.
+    tok_l / tok_g: CLIP tokenizers other than the bundled BPE (padding with EOS / with id 0), e.g. the toy world's."""
+    out_l = _run(clip_l, (tok_l or clip_tokenizer(49407)).encode(prompts))
+    out_g = _run(clip_g, (tok_g or clip_tokenizer(0)).encode(prompts))
     dev, dtype = out_l.penultimate_hidden_state.device, out_l.penultimate_hidden_state.dtype
     clip = torch.cat([out_l.penultimate_hidden_state, out_g.penultimate_hidden_state.to(dev, dtype)], -1)  # (B,77,2048)
     if t5 is None:
@@ -70,9 +72,11 @@ def sd3_conditioning(clip_l: CLIPTextModel, clip_g: CLIPTextModel, t5: T5Encoder
 
 @torch.no_grad()
 def flux_conditioning(clip_l: CLIPTextModel, t5: T5Encoder, prompts: list[str], t5_length: int = 512,
-                      t5_tok: T5Tokenizer | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      t5_tok: T5Tokenizer | None = None, tok_l: CLIPTokenizer | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """FLUX.1: (context (B, t5_length, 4096), pooled (B, 768)), on clip_l's device and dtype."""
-    pooled = _run(clip_l, clip_tokenizer(49407).encode(prompts)).pooled  # CLIPTextModel.pooler_output: no projection
+    ids = (tok_l or clip_tokenizer(49407)).encode(prompts)
+    pooled = _run(clip_l, ids).pooled  # CLIPTextModel.pooler_output: no projection
     return _run(t5, t5_tok.encode(prompts, t5_length)).to(pooled.device, pooled.dtype), pooled
 
 
@@ -86,11 +90,14 @@ class TeacherText:
     t5: T5Encoder | None  # may be None for SD3 (zeros instead, as diffusers without text_encoder_3)
     t5_tok: T5Tokenizer | None
     t5_length: int
+    tok_l: CLIPTokenizer | None = None  # None: the bundled CLIP BPE (padding with EOS)
+    tok_g: CLIPTokenizer | None = None  # None: the bundled CLIP BPE (padding with id 0)
 
     def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         if self.family == "sd3":
-            return sd3_conditioning(self.clip_l, self.clip_g, self.t5, prompts, self.t5_length, self.t5_tok)
-        return flux_conditioning(self.clip_l, self.t5, prompts, self.t5_length, self.t5_tok)
+            return sd3_conditioning(self.clip_l, self.clip_g, self.t5, prompts, self.t5_length, self.t5_tok,
+                                    self.tok_l, self.tok_g)
+        return flux_conditioning(self.clip_l, self.t5, prompts, self.t5_length, self.t5_tok, self.tok_l)
 
 
 def teacher_family(path) -> tuple[str, int]:
@@ -128,7 +135,10 @@ def _text_paths(family: str, folder: Path, t5_tokenizer=None) -> dict:
 def load_teacher_text(teacher, text_encoders=None, t5_tokenizer=None, t5_length=None, use_t5=True,
                       dtype=None, device=None) -> TeacherText:
     """The teacher's text encoders: from the teacher's own pipeline folder, or from `text_encoders` (a folder of
-    single files or a pipeline root). use_t5=False (SD3 only) drops T5 the way diffusers does (zeros)."""
+    single files or a pipeline root). use_t5=False (SD3 only) drops T5 the way diffusers does (zeros).
+    CLIP tokenizers: `tokenizer.find_clip_tokenizer(root)` (a CLIP-style tokenizer.json in the folder, else CLIP's
+    BPE). T5 length: t5_length, else the T5 tokenizer.json's fixed padding length if it has one (the toy teacher's),
+    else the family default."""
     family, default_length = teacher_family(teacher)
     if not use_t5 and family == "flux":
         raise CheckpointError(f"{teacher}: a FLUX teacher is conditioned on T5; it can't be left out")
@@ -144,11 +154,12 @@ def load_teacher_text(teacher, text_encoders=None, t5_tokenizer=None, t5_length=
     if missing:
         raise CheckpointError(f"{root}: no {', '.join(missing)} found for the {family} teacher's text encoders")
     load = dict(dtype=dtype, device=device)
+    t5_tok = T5Tokenizer.from_file(paths["t5_tok"]) if "t5" in need else None
     return TeacherText(family, load_clip(paths["clip_l"], **load),
                        load_clip(paths["clip_g"], **load) if family == "sd3" else None,
                        load_t5(paths["t5"], **load) if "t5" in need else None,
-                       T5Tokenizer.from_file(paths["t5_tok"]) if "t5" in need else None,
-                       t5_length or default_length)
+                       t5_tok, t5_length or (t5_tok and t5_tok.length) or default_length,
+                       find_clip_tokenizer(root), find_clip_tokenizer(root, pad_eos=False) if family == "sd3" else None)
 
 
 # --------------------------------------------------------------------------------------------------------- the cache
@@ -169,12 +180,14 @@ TENSORS = ["student_context", "teacher_context", "teacher_pooled"]
 
 
 def build_text_cache(prompts: list[str], student_clip: CLIPTextModel, teacher: TeacherText, out_path,
-                     negative_prompt: str = "", batch_size: int = 8, dtype=torch.bfloat16, progress=None) -> None:
+                     negative_prompt: str = "", batch_size: int = 8, dtype=torch.bfloat16, progress=None,
+                     student_tok: CLIPTokenizer | None = None) -> None:
     """Encode every prompt (and the negative prompt) for student and teacher; one safetensors file, written
-    atomically. Tensors are stored in `dtype` (bf16: the models consume them in bf16)."""
+    atomically. Tensors are stored in `dtype` (bf16: the models consume them in bf16). student_tok: the student's
+    CLIP tokenizer (`find_clip_tokenizer(student)`); None: the bundled CLIP BPE."""
     rows = [negative_prompt] + list(prompts)  # row 0: the negative prompt
     out = {name: [] for name in TENSORS}
-    tok = clip_tokenizer(49407)
+    tok = student_tok or clip_tokenizer(49407)
     for i in range(0, len(rows), batch_size):
         batch = rows[i:i + batch_size]
         context, pooled = teacher(batch)
@@ -242,7 +255,7 @@ def main(argv=None):
         from tqdm import tqdm
         with tqdm(total=len(prompts) + 1, desc="encoding", unit="prompt") as bar:
             build_text_cache(prompts, student, teacher, args.out, args.negative_prompt, args.batch_size,
-                             progress=bar.update)
+                             progress=bar.update, student_tok=find_clip_tokenizer(args.student))
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -58,6 +58,22 @@ class CLIPTokenizer:
         self.tok, self.pad_id = tok, pad_id
         self.bos_id, self.eos_id = tok.token_to_id(BOS), tok.token_to_id(EOS)
 
+    @classmethod
+    def from_file(cls, path, pad_id: int | None = None) -> "CLIPTokenizer":
+        """A CLIP-style tokenizer from a `tokenizer.json` (e.g. the toy world's WordLevel one): BOS / EOS looked up by
+        name (<|startoftext|>, <|endoftext|>); pad_id None pads with EOS (as CLIP-L does)."""
+        try:
+            tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers' own error: one line for the user
+            raise CheckpointError(f"{path}: not a tokenizer.json ({type(e).__name__}: {e})") from e
+        tok.no_padding()  # _pad pads (a toy tokenizer.json may fix a T5 length: see T5Tokenizer.length)
+        self = cls.__new__(cls)
+        self.tok, self.bos_id, self.eos_id = tok, tok.token_to_id(BOS), tok.token_to_id(EOS)
+        if self.bos_id is None or self.eos_id is None:
+            raise CheckpointError(f"{path}: no {BOS} / {EOS} tokens; not a CLIP-style tokenizer")
+        self.pad_id = self.eos_id if pad_id is None else pad_id
+        return self
+
     def encode(self, texts: list[str], length: int = 77) -> torch.Tensor:
         """(B, length) ids: BOS, at most length-2 tokens, EOS, then pad_id."""
         texts = [texts] if isinstance(texts, str) else list(texts)
@@ -129,6 +145,11 @@ class T5Tokenizer:
         if self.eos_id is None:
             raise CheckpointError("no </s> token")
         self.pad_id = tok.token_to_id("<pad>") or 0
+        # A tokenizer.json that pads to a fixed length (the toy world's does; released T5 ones don't) states the
+        # sequence length its model was trained with: `length`, the default for callers. _pad does the padding.
+        padding = tok.padding
+        self.length = padding.get("length") if padding else None
+        tok.no_padding()
 
     @classmethod
     def from_file(cls, path) -> "T5Tokenizer":
@@ -171,3 +192,37 @@ class T5Tokenizer:
         texts = [texts] if isinstance(texts, str) else list(texts)
         rows = [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
         return _pad(rows, length, self.pad_id, self.eos_id)
+
+
+# ------------------------------------------------------------------------------------------------- finding tokenizers
+def _is_clip_json(path: Path) -> bool:
+    """A tokenizer.json that knows CLIP's BOS and EOS (a T5 tokenizer.json beside T5 weights does not)."""
+    if not path.is_file():
+        return False
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception:
+        return False
+    return tok.token_to_id(BOS) is not None and tok.token_to_id(EOS) is not None
+
+
+def find_clip_tokenizer(path=None, pad_eos: bool = True) -> CLIPTokenizer:
+    """The CLIP tokenizer that goes with the checkpoint `path` (a file or a folder; None: the bundled one).
+    Looked for, first match wins: (1) in a folder: `tokenizer/` (a diffusers pipeline root: vocab.json + merges.txt,
+    or tokenizer.json) and `tokenizer.json` in the folder itself; (2) for a file: `tokenizer.json` beside it.
+    A tokenizer.json counts only if it has <|startoftext|> and <|endoftext|> (a T5 tokenizer.json in a text-encoders
+    folder is skipped). Nothing found: the bundled CLIP BPE (`assets/clip_tokenizer`), the real CLIP vocabulary.
+    pad_eos: pad with <|endoftext|> (CLIP-L, SD 1.5) or with id 0 (SD3's CLIP-G `tokenizer_2`)."""
+    candidates = []
+    if path is not None:
+        path = Path(path)
+        folder = path if path.is_dir() else path.parent
+        if path.is_dir():
+            candidates += [folder / "tokenizer", folder / "tokenizer" / "tokenizer.json"]
+        candidates.append(folder / "tokenizer.json")
+    for c in candidates:
+        if c.is_dir() and (c / "vocab.json").is_file() and (c / "merges.txt").is_file():
+            return CLIPTokenizer(c, pad_id=49407 if pad_eos else 0)  # a diffusers copy of CLIP's BPE
+        if c.suffix == ".json" and _is_clip_json(c):
+            return CLIPTokenizer.from_file(c, None if pad_eos else 0)
+    return CLIPTokenizer(pad_id=49407 if pad_eos else 0)  # 49407: <|endoftext|> in CLIP's vocab.json
