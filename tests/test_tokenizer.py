@@ -209,3 +209,31 @@ def test_t5_bad_files(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{}")
     with pytest.raises(CheckpointError, match="tokenizer.json: not a T5 tokenizer"):
         T5Tokenizer.from_file(tmp_path)
+
+
+def test_find_clip_tokenizer_prefers_the_checkpoints_own(tmp_path):
+    """A diffusers `tokenizer/` folder or a CLIP-style tokenizer.json beside a checkpoint wins; a T5 tokenizer.json
+    does not count; nothing found -> the bundled CLIP BPE."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers
+
+    from tokenizer import find_clip_tokenizer
+    texts = ["a red circle", "two words"]
+    bundled = CLIPTokenizer().encode(texts)
+    pipe = tmp_path / "pipe"
+    shutil.copytree(CLIP_FOLDER, pipe / "tokenizer")
+    assert torch.equal(find_clip_tokenizer(pipe).encode(texts), bundled)
+    assert torch.equal(find_clip_tokenizer(pipe, pad_eos=False).encode(texts), CLIPTokenizer(pad_id=0).encode(texts))
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, "<|startoftext|>": 3, "<|endoftext|>": 4, "a": 5, "red": 6,
+             "circle": 7}
+    word = HFTokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    word.pre_tokenizer = pre_tokenizers.Whitespace()
+    (tmp_path / "toy").mkdir()
+    word.save(str(tmp_path / "toy" / "tokenizer.json"))
+    (tmp_path / "toy" / "model.safetensors").write_bytes(b"")
+    got = find_clip_tokenizer(tmp_path / "toy" / "model.safetensors").encode(["a red circle"], length=6)
+    assert got.tolist() == [[3, 5, 6, 7, 4, 4]]  # BOS, words, EOS, padded with EOS
+    t5 = HFTokenizer(models.WordLevel({"<pad>": 0, "</s>": 1, "<unk>": 2}, unk_token="<unk>"))
+    (tmp_path / "t5").mkdir()
+    t5.save(str(tmp_path / "t5" / "tokenizer.json"))
+    assert torch.equal(find_clip_tokenizer(tmp_path / "t5").encode(texts), bundled)
