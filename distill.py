@@ -1,8 +1,9 @@
 """Cross-Space Distillation: train the Bridge (stage 1), then distill a flow-matching teacher into a one-step SD 1.5
 student with DMD2 in the TEACHER's latent space (stage 2). One flat script, nanoGPT style.
 
-    python distill.py          # built-in tiny random preset, CPU, under a minute: out/student.safetensors
-    python sample.py --ckpt out/student.safetensors --prompt "a red circle" --width 64 --height 64
+    python distill.py --preset toy    # the committed toy models (assets/toy), CPU, < 10 minutes, judged before and
+    python sample.py --prompt "a red circle on a blue background"   # after; one step from out/toy/student.*
+    python distill.py                 # --preset tiny: random tiny models (the tests'), CPU, a minute: out/tiny/
 
 SD 1.5 + SD3.5-Medium (8 GPUs; the text cache is built here from --text-encoders if missing, then T5 is freed):
     torchrun --nproc_per_node 8 distill.py --student v1-5-pruned-emaonly.safetensors \
@@ -34,6 +35,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -53,11 +55,18 @@ import bridge as BR
 import conditioning as C
 import teacher_mmdit as TM
 import text_encoders as TE
+import train_state as TS
 import unet as U
 import vae as V
 from export import export_sd15_single_file
-from sample import ddim_schedule, ddim_step, sd15_alphas_cumprod, to_uint8
+from sample import ddim_sample, one_step_x0, to_uint8
+from tokenizer import find_clip_tokenizer
 from weights import Checkpoint, CheckpointError, find_component, load_state, save_atomic
+
+TOY = Path(__file__).resolve().parent / "assets" / "toy"  # the committed toy models (toy_train.py, toy.py)
+# `python distill.py` without models runs DEFAULT_PRESET. "toy" once a toy run clearly beats the base one-step student
+# on the judge; with the toy models of this commit it does not yet (their teacher fails the judge too): "tiny".
+DEFAULT_PRESET = "tiny"
 
 
 class UsageError(ValueError):
@@ -65,7 +74,7 @@ class UsageError(ValueError):
 
 
 def excepthook(kind, e, tb):
-    if issubclass(kind, (UsageError, CheckpointError)):
+    if issubclass(kind, (UsageError, CheckpointError, TS.StateError)):
         print(f"error: {e}", file=sys.stderr)
     else:
         sys.__excepthook__(kind, e, tb)
@@ -82,8 +91,10 @@ class Parser(argparse.ArgumentParser):
 
 # ----------------------------------------------------------------------------- arguments
 p = Parser(description=__doc__.split("\n")[0])
-g = p.add_argument_group("models (give none for the built-in tiny preset)")
-g.add_argument("--preset", choices=["tiny"], help="tiny random student and teacher (the default without models)")
+g = p.add_argument_group("models (give none for a preset)")
+g.add_argument("--preset", choices=["toy", "tiny"], help="toy: the committed toy models and toy-world prompts, "
+               f"judged before and after; tiny: random tiny models (fast, for tests). Default without models: "
+               f"{DEFAULT_PRESET}")
 g.add_argument("--student", help="SD 1.5 single file or diffusers pipeline folder (UNet, VAE, CLIP-L)")
 g.add_argument("--teacher", help="SD3 / SD3.5 / FLUX.1 transformer: single file or diffusers folder")
 g.add_argument("--teacher-vae", help="default: inside the teacher (file or pipeline), else ae.safetensors beside it")
@@ -117,22 +128,22 @@ g.add_argument("--steps", type=int, help="iterations; each trains the fake score
 g.add_argument("--batch-size", type=int, help="per process")
 g.add_argument("--lr", type=float, help="student")
 g.add_argument("--fake-lr", type=float, help="fake score (LoRA)")
-g.add_argument("--fake-steps-per-gen", type=int, default=5, help="fake-score updates per student update (DMD2: 5)")
+g.add_argument("--fake-steps-per-gen", type=int, help="fake-score updates per student update (DMD2: 5)")
 g.add_argument("--lora-rank", type=int)
 # 4.5: SD3.5-Medium's recommended sampling guidance (model card); below SD3's 7.0 because DMD's reverse KL is already
 # mode-seeking and a high real-score CFG over-saturates one-step samples (DMD2 notes the same trade-off).
-g.add_argument("--cfg", type=float, default=4.5, help="SD3: CFG of the real score (uncond = the cached negative)")
+g.add_argument("--cfg", type=float, help="SD3: CFG of the real score (uncond = the cached negative; 4.5)")
 g.add_argument("--guidance", type=float, default=3.5, help="FLUX.1-dev: embedded guidance (pipeline default)")
-g.add_argument("--sigma-range", nargs=2, type=float, default=[0.02, 0.98], help="unshifted sigma range of DMD")
+g.add_argument("--sigma-range", nargs=2, type=float, help="unshifted sigma range of DMD (0.02 0.98)")
 g.add_argument("--shift", type=float, help="time shift (default: SD3 3.0, FLUX exp(mu) at --teacher-res)")
 g.add_argument("--bridge-lr", type=float, default=0.0, help="> 0: fine-tune the projector (with its rec. loss)")
-g.add_argument("--ema", type=float, default=0.999, help="EMA decay of the student; 0 = off")
+g.add_argument("--ema", type=float, help="EMA decay of the student (0.999); 0 = off")
 g.add_argument("--grad-clip", type=float, default=1.0)
 g.add_argument("--weight-decay", type=float, default=0.01)
 g.add_argument("--student-res", type=int, help="pixels")
 g.add_argument("--teacher-res", type=int, help="pixels")
 g = p.add_argument_group("engineering")
-g.add_argument("--out", default="out")
+g.add_argument("--out", help="default: out/PRESET, or out")
 g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
 g.add_argument("--seed", type=int, default=0)
 g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -141,22 +152,29 @@ g.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, help="defau
 g.add_argument("--fsdp", action="store_true", help="shard the teacher over the processes (torchrun)")
 g.add_argument("--sample-every", type=int)
 g.add_argument("--ckpt-every", type=int)
+g.add_argument("--eval", type=int, help="toy preset: judge the one-step student on N fixed prompts before and after")
 args = p.parse_args()
-tiny = args.preset == "tiny" or (args.student is None and args.teacher is None)
-if tiny and (args.student or args.teacher):
-    raise UsageError("--preset tiny builds its own models: drop --student / --teacher")
-if not tiny and not (args.student and args.teacher):
-    raise UsageError("give both --student and --teacher (or neither, for the built-in tiny preset)")
-DEFAULTS = {  # what the preset changes; None above means "from here"
-    "tiny": dict(student_res=64, teacher_res=128, latents=32, held_out=8, bridge_steps=150, bridge_batch=4,
-                 bridge_width=32, bridge_depth=1, steps=60, batch_size=2, lr=1e-4, fake_lr=1e-3, lora_rank=4,
-                 sample_every=20, ckpt_every=20, t5_length=8),
-    "real": dict(student_res=512, teacher_res=1024, latents=512, held_out=64, bridge_steps=2000, bridge_batch=2,
-                 bridge_width=128, bridge_depth=2, steps=20000, batch_size=2, lr=1e-5, fake_lr=1e-4, lora_rank=64,
-                 sample_every=500, ckpt_every=500, t5_length=None),
-}
-for k, v in DEFAULTS["tiny" if tiny else "real"].items():
+if args.preset and (args.student or args.teacher):
+    raise UsageError(f"--preset {args.preset} brings its own models: drop --student / --teacher")
+if not args.preset and bool(args.student) != bool(args.teacher):
+    raise UsageError("give both --student and --teacher (or neither, for a preset)")
+args.preset = args.preset or (None if args.student else DEFAULT_PRESET)
+DEFAULTS = {"real": dict(  # None above means "from here"
+    student_res=512, teacher_res=1024, latents=512, held_out=64, bridge_steps=2000, bridge_batch=2, bridge_width=128,
+    bridge_depth=2, steps=20000, batch_size=2, lr=1e-5, fake_lr=1e-4, lora_rank=64, fake_steps_per_gen=5, cfg=4.5,
+    sigma_range=[0.02, 0.98], ema=0.999, sample_every=500, ckpt_every=500, t5_length=None, eval=0)}
+DEFAULTS["tiny"] = DEFAULTS["real"] | dict(
+    student_res=64, teacher_res=128, latents=32, held_out=8, bridge_steps=150, bridge_batch=4, bridge_width=32,
+    bridge_depth=1, steps=60, batch_size=2, lr=1e-4, fake_lr=1e-3, lora_rank=4, sample_every=20, ckpt_every=20,
+    t5_length=8)
+DEFAULTS["toy"] = DEFAULTS["tiny"] | dict(  # tuned for < 10 minutes on 2 CPU cores (see the README)
+    latents=96, held_out=16, bridge_steps=150, bridge_batch=8, bridge_width=64, bridge_depth=2, steps=500,
+    batch_size=8, lr=2e-4, fake_lr=1e-3, lora_rank=8, fake_steps_per_gen=2, cfg=4.5, ema=0.99, sample_every=100,
+    ckpt_every=100, t5_length=None, eval=200)
+for k, v in DEFAULTS[args.preset or "real"].items():
     setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
+if args.eval and args.preset != "toy":
+    raise UsageError("--eval: the toy world's judge scores the toy preset only")
 if args.grad_ckpt is None:
     args.grad_ckpt = args.device.startswith("cuda")
 for k in ("latents", "held_out", "bridge_batch", "batch_size", "lora_rank", "fake_steps_per_gen", "sample_every",
@@ -194,7 +212,7 @@ barrier = dist.barrier if ddp else (lambda: None)
 amp = lambda: torch.autocast("cuda", torch.bfloat16) if cuda else nullcontext()  # bf16 on CUDA, fp32 on CPU
 dt = torch.bfloat16 if cuda else torch.float32  # frozen weights (teacher, VAEs)
 
-out = Path(args.out)
+out = Path(args.out or (f"out/{args.preset}" if args.preset else "out"))
 try:
     out.mkdir(parents=True, exist_ok=True)
     (out / f".probe{rank}").write_text("")
@@ -202,29 +220,37 @@ try:
 except OSError as e:
     raise UsageError(f"--out {out}: cannot write there ({e.strerror or e})") from None
 ckpt_path, log_path = out / "checkpoint.safetensors", out / "log.jsonl"
-if tiny:  # the preset's model files, written below; the run then loads them as it would real checkpoints
+if args.preset == "tiny":  # the preset's model files, written below; loaded as real checkpoints would be
     args.student, args.teacher = str(out / "tiny" / "student.safetensors"), str(out / "tiny" / "teacher.safetensors")
     args.text_encoders, args.no_t5 = args.text_encoders or str(out / "tiny"), True
     args.prompts = args.prompts or str(out / "tiny" / "prompts.txt")
+elif args.preset == "toy":  # toy_train.py's models; each tokenizer.json beside them is found by find_clip_tokenizer
+    args.student, args.teacher = (str(TOY / "student" / "toy_sd15.safetensors"),
+                                  str(TOY / "teacher" / "toy_sd35.safetensors"))
+    args.text_encoders = args.text_encoders or str(TOY / "teacher" / "text_encoders")
+    args.prompts = args.prompts or str(out / "prompts.txt")
 args.text_cache = args.text_cache or str(out / "text_cache.safetensors")
 RUNTIME = {"steps", "out", "resume", "device", "compile", "grad_ckpt", "fsdp", "sample_every", "ckpt_every",
-           "text_cache", "text_encoders", "t5_tokenizer", "bridge"}
+           "text_cache", "text_encoders", "t5_tokenizer", "bridge", "eval"}
 config = json.loads(json.dumps({k: v for k, v in vars(args).items() if k not in RUNTIME} | {"world": world}))
 if args.resume:
-    if not ckpt_path.is_file():
-        raise UsageError(f"--resume: no checkpoint at {ckpt_path}")
-    with safe_open(str(ckpt_path), "pt") as f:
-        saved = json.loads((f.metadata() or {}).get("config", "{}"))
-    diff = sorted(k for k in saved.keys() | config.keys() if saved.get(k) != config.get(k))
-    if diff:
-        raise UsageError(f"--resume: {ckpt_path} comes from another configuration: " +
-                         ", ".join(f"{k} {saved.get(k)!r} != {config.get(k)!r}" for k in diff[:4]))
-elif ckpt_path.exists():
-    raise UsageError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
+    TS.check_config(ckpt_path, config)
+elif ckpt_path.exists():  # a preset reruns over a FINISHED run of itself with the same settings (it writes the same)
+    done = Checkpoint(out / "student.safetensors").metadata if (out / "student.safetensors").is_file() else {}
+    if not (args.preset and TS.read_config(ckpt_path) == config and done.get("step") == str(args.steps)):
+        raise UsageError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
+    barrier()  # every rank has looked before rank 0 clears the old run's checkpoint and log
+    if master:
+        print(f"{out}: a finished --preset {args.preset} run with these settings; running it again over it")
+        ckpt_path.unlink(), log_path.unlink(missing_ok=True)
 torch.manual_seed(args.seed)
 random.seed(args.seed)
 np.random.seed(args.seed)
-if tiny and master and not (out / "tiny" / "prompts.txt").exists():
+if args.preset == "toy" and master and not Path(args.prompts).exists():
+    import toy  # training prompts: captions of random toy scenes (seed 0; the judge's are drawn with seed 777)
+    rng = np.random.default_rng(0)
+    Path(args.prompts).write_text("\n".join(toy.caption(s, rng) for s in toy.sample_scenes(1000, 0)) + "\n")
+if args.preset == "tiny" and master and not (out / "tiny" / "prompts.txt").exists():
     torch.manual_seed(1234)  # the tiny world: fixed seeds, SD 1.5 / SD3.5-Medium structure, real single-file layouts
     clip_l = TE.CLIPTextModel(TE.PRESETS["tiny_l"])  # vocab 49408: the real CLIP tokenizer drives it
     export_sd15_single_file(U.UNet(replace(U.PRESETS["tiny"], context_dim=clip_l.cfg.width)),
@@ -263,7 +289,8 @@ if not Path(args.text_cache).is_file():
         text = C.load_teacher_text(args.teacher, args.text_encoders, args.t5_tokenizer, args.t5_length,
                                    not args.no_t5, dtype=dt, device=device)
         clip = TE.load_clip(find_component(args.student, "text_encoder"), dtype=dt, device=device)
-        C.build_text_cache(prompts, clip, text, args.text_cache, args.negative_prompt)
+        C.build_text_cache(prompts, clip, text, args.text_cache, args.negative_prompt,
+                           student_tok=find_clip_tokenizer(args.student))
         del text, clip  # T5 and the CLIPs leave memory for good: training reads the cache only
         torch.cuda.empty_cache() if cuda else None
     barrier()
@@ -282,19 +309,38 @@ exact = lambda z: BR.bridge_target(svae, tvae, z, (ht, ht))  # z_T*: student dec
 # The teacher's time shift: SD3 3.0 (scheduler config); FLUX exp(mu), mu linear in the packed token count L
 # (0.5 at 256, 1.15 at 4096: FluxPipeline calculate_shift).
 shift = args.shift or (3.0 if family == "sd3" else math.exp(0.5 + 0.65 * ((args.teacher_res // 16) ** 2 - 256) / 3840))
+torch.manual_seed(args.seed)  # LoRA init: the same whether or not this run has just built the tiny models
 TM.add_lora(teacher, args.lora_rank)
 torch.manual_seed(args.seed)
 bridge = BR.Bridge(svae, 16, scale, args.bridge_width, args.bridge_depth).to(device)
 if args.grad_ckpt:
     model.gradient_checkpointing = teacher.gradient_checkpointing = svae.decoder.gradient_checkpointing = True
 ema = copy.deepcopy(model).requires_grad_(False) if args.ema > 0 else None
-ck = load_file(str(ckpt_path)) if args.resume else {}
-part = lambda prefix: {k[len(prefix):]: v for k, v in ck.items() if k.startswith(prefix)}
+
+
+@torch.no_grad()
+def one_step_images(m, noise, ctx):  # a one-step student's samples, decoded by the student VAE
+    with amp():
+        return svae.decode(one_step_x0(m, noise, 999, ctx).to(dt)).float()
+
+
+if args.eval:  # the toy world's judge (its HPS) on fixed prompts and seeds: the one-step student before and after
+    import toy
+    judge, rng = toy.load_judge(), np.random.default_rng(777)  # seed 777: the prompts of assets/toy/scores.json
+    eval_prompts = [toy.caption(s, rng) for s in toy.sample_scenes(args.eval, 777)]
+    clip = TE.load_clip(find_component(args.student, "text_encoder"), dtype=dt, device=device)
+    eval_ctx = C.sd15_context(clip, find_clip_tokenizer(args.student), eval_prompts)
+    eval_noise = torch.randn((args.eval, 4, hs, hs), generator=torch.Generator().manual_seed(0)).to(device)
+
+    judge_scores = lambda m: judge.score(eval_prompts, torch.cat([one_step_images(
+        m, eval_noise[i:i + 50], eval_ctx[i:i + 50]).cpu() for i in range(0, args.eval, 50)]))
+    scores = {"base": judge_scores(model)}
+state = TS.read_state(ckpt_path) if args.resume else None
 if args.resume:  # weights now (LoRA before sharding); optimizer and RNG states once those exist
-    model.load_state_dict(part("student."))
-    bridge.load_state_dict(part("projector."))
-    ema.load_state_dict(part("ema.")) if ema is not None else None
-    missing = teacher.load_state_dict(part("lora."), strict=False).missing_keys
+    model.load_state_dict(state.part("student."))
+    bridge.load_state_dict(state.part("projector."))
+    ema.load_state_dict(state.part("ema.")) if ema is not None else None
+    missing = teacher.load_state_dict(state.part("lora."), strict=False).missing_keys
     if any(".lora_" in k for k in missing):
         raise UsageError(f"--resume: {ckpt_path} lacks LoRA weights {missing[:2]}")
 elif args.bridge:
@@ -353,17 +399,12 @@ if not args.resume and not args.bridge:
                                  for i in range(0, len(files), 8)]).float()
         else:  # the base student's own samples: DDIM, few steps, CFG (cheap; one batch of 8 at a time)
             pidx = torch.randint(len(cache.prompts), (args.latents,), generator=gen)
-            noise = torch.randn((args.latents, 4, hs, hs), generator=gen)
-            ts, alphas, alphas_prev = ddim_schedule(args.sample_steps)
-            z_s = []
+            noise, z_s = torch.randn((args.latents, 4, hs, hs), generator=gen), []
             for i in tqdm(range(0, args.latents, 8), desc="student samples", disable=not master):
-                x, ctx = noise[i:i + 8].to(device), cache.student_context[pidx[i:i + 8]].to(device)
-                ctx = torch.cat([cache.negative_student_context.to(device).expand_as(ctx), ctx])
-                for t, a, a_prev in zip(ts, alphas, alphas_prev, strict=True):
-                    with torch.no_grad(), amp():
-                        eps_u, eps_c = model(torch.cat([x, x]), t.expand(2 * len(x)).to(device), ctx).float().chunk(2)
-                    x = ddim_step(x, eps_u + args.sample_cfg * (eps_c - eps_u), a, a_prev)
-                z_s.append(x)
+                ctx = cache.student_context[pidx[i:i + 8]].to(device)
+                with amp():
+                    z_s.append(ddim_sample(model, torch.cat([cache.negative_student_context.to(device).expand_as(ctx),
+                                           ctx]), noise[i:i + 8].to(device), args.sample_steps, args.sample_cfg))
             z_s = torch.cat(z_s)
         with torch.no_grad(), amp():
             z_t = torch.cat([exact(z_s[i:i + 8]).float() for i in range(0, len(z_s), 8)])
@@ -421,7 +462,6 @@ if not args.resume and not args.bridge:
     del z_s, z_t, naive, opt_b
 
 # ----------------------------------------------------------------------------- stage 2: setup
-abar = sd15_alphas_cumprod()[999].item()  # 0.0047: SD 1.5 scaled-linear schedule at t = 999
 raw_teacher = teacher
 if args.compile:  # compile, then wrap (nanoGPT order)
     model_c, teacher = torch.compile(model), torch.compile(teacher)
@@ -437,63 +477,21 @@ optimizers = {"student": torch.optim.AdamW(model.parameters(), lr=args.lr, weigh
 if args.bridge_lr > 0:
     optimizers["projector"] = torch.optim.AdamW(bridge.parameters(), lr=args.bridge_lr, weight_decay=0.0)
 gen = torch.Generator().manual_seed(args.seed + 3)  # every random draw of the loop: saved in the checkpoint
-full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t  # DTensor (FSDP) -> the whole tensor
 
 
-def save_checkpoint(step):
-    """Trainable state, optimizers, EMA, step, RNG and config in ONE safetensors file (no pickle), atomically."""
-    tensors = {f"student.{k}": v for k, v in model.state_dict().items()}
-    tensors |= {f"projector.{k}": v for k, v in bridge.state_dict().items()}
-    tensors |= {f"lora.{n}": full(q) for n, q in lora}  # a collective under FSDP: every rank calls this
-    tensors |= {f"ema.{k}": v for k, v in ema.state_dict().items()} if ema is not None else {}
-    meta = {"format": "cross-space-distill/1", "config": json.dumps(config), "step": str(step),
-            "student": args.student, "rng": json.dumps({"python": random.getstate(), "numpy": [
-                str(x) for x in np.random.get_state()[2:]]})}
-    for name, opt in optimizers.items():  # flattened: tensors by "opt.NAME.INDEX.FIELD", the rest as JSON
-        sd = opt.state_dict()
-        tensors |= {f"opt.{name}.{i}.{k}": full(v) for i, s in sd["state"].items() for k, v in s.items()}
-        meta[f"opt.{name}"] = json.dumps(sd["param_groups"])
-    tensors |= {"rng.torch": torch.get_rng_state(), "rng.data": gen.get_state(),
-                "rng.numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64))}
-    if cuda:
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:  # the NaN guard's second line: never replace a good checkpoint by a bad one
-        raise UsageError(f"non-finite values in {bad[:3]} at step {step}: stopped; {ckpt_path} keeps the last good "
-                         "checkpoint")
-    if master:
-        save_atomic(tensors, ckpt_path, meta)
+def save_checkpoint(step):  # a collective under FSDP (LoRA and optimizer states are gathered): every rank calls it
+    parts = {"student": model.state_dict(), "projector": bridge.state_dict(), "lora": dict(lora)}
+    TS.save_state(ckpt_path, step, config, parts | ({"ema": ema.state_dict()} if ema is not None else {}), optimizers,
+                  {"data": gen}, write=master, metadata={"student": args.student})
 
 
-start = 0
-if args.resume:
-    with safe_open(str(ckpt_path), "pt") as f:
-        meta = f.metadata()
-    start = int(meta["step"])
-    for name, opt in optimizers.items():
-        params = [q for group in opt.param_groups for q in group["params"]]
-        state = {}
-        for k, v in part(f"opt.{name}.").items():
-            i, field = k.split(".", 1)
-            q = params[int(i)]
-            if hasattr(q, "device_mesh") and v.ndim:  # FSDP: shard the full tensor like its parameter
-                from torch.distributed.tensor import distribute_tensor
-                v = distribute_tensor(v.to(q.device), q.device_mesh, q.placements)
-            state.setdefault(int(i), {})[field] = v
-        opt.load_state_dict({"state": state, "param_groups": json.loads(meta[f"opt.{name}"])})
-    rng = json.loads(meta["rng"])
-    torch.set_rng_state(ck["rng.torch"])
-    gen.set_state(ck["rng.data"])
-    random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
-    np.random.set_state(("MT19937", ck["rng.numpy"].numpy().astype(np.uint32), int(rng["numpy"][0]),
-                         int(rng["numpy"][1]), float(rng["numpy"][2])))
-    torch.cuda.set_rng_state(ck["rng.cuda"]) if cuda and "rng.cuda" in ck else None
-    if master and log_path.exists():  # drop log lines past the checkpoint (a crash after logging)
-        lines = [ln for ln in log_path.read_text().splitlines()
-                 if json.loads(ln).get("stage") != "distill" or json.loads(ln)["step"] <= start]
-        (tmp := out / ".log.jsonl").write_text("".join(ln + "\n" for ln in lines))
-        os.replace(tmp, log_path)
-    del ck
+start = TS.restore(state, optimizers, {"data": gen}) if args.resume else 0
+del state
+if args.resume and master and log_path.exists():  # drop log lines past the checkpoint (a crash after logging)
+    lines = [ln for ln in log_path.read_text().splitlines()
+             if json.loads(ln).get("stage") != "distill" or json.loads(ln)["step"] <= start]
+    (tmp := out / ".log.jsonl").write_text("".join(ln + "\n" for ln in lines))
+    os.replace(tmp, log_path)
 
 
 @torch.no_grad()
@@ -502,11 +500,7 @@ def save_grid(step):
     n = min(4, len(cache.prompts))
     noise = torch.randn((n, 4, hs, hs), generator=torch.Generator().manual_seed(1234)).to(device)
     ctx = cache.student_context[:n].to(device)
-    rows = []
-    for m in [model] + ([ema] if ema is not None else []):
-        with amp():
-            eps = m(noise, torch.full((n,), 999, device=device), ctx).float()
-            rows.append(svae.decode(((noise - (1 - abar) ** 0.5 * eps) / abar ** 0.5).to(dt)).float())
+    rows = [one_step_images(m, noise, ctx) for m in [model] + ([ema] if ema is not None else [])]
     img = torch.cat([torch.cat(list(r), dim=-1) for r in rows], dim=-2)  # (3, rows * H, n * W)
     Image.fromarray(to_uint8(img[None])[0]).save(tmp := out / f".grid_{step:06d}.png")
     os.replace(tmp, out / f"grid_{step:06d}.png")
@@ -527,7 +521,6 @@ def check_finite(step, **losses) -> dict:
 
 # ----------------------------------------------------------------------------- stage 2: the loop
 B, G = args.batch_size, args.batch_size * world
-t999 = torch.full((B,), 999, device=device)
 lo, hi = args.sigma_range
 unc_ctx, unc_pooled = cache.negative_teacher_context.to(device), cache.negative_teacher_pooled.to(device)
 t0 = time.time()
@@ -539,8 +532,7 @@ for step in (bar := tqdm(range(start, args.steps), desc="stage 2: distill", disa
     idx = mine(idx).cpu()
     t_ctx, t_pooled = ctx_of(idx)
     with torch.set_grad_enabled(gen_step), amp():
-        eps = model_c(noise, t999, cache.student_context[idx].to(device))
-        z_s = (noise - (1 - abar) ** 0.5 * eps.float()) / abar ** 0.5  # x0 from eps at t = 999, fp32
+        z_s = one_step_x0(model_c, noise, 999, cache.student_context[idx].to(device))  # the generator, fp32
         z_t = bridge(z_s)  # into teacher space: frozen decoder + projector; gradients flow back to the student
     rec = {"step": step + 1, "stage": "distill"}
     if gen_step:
@@ -563,7 +555,7 @@ for step in (bar := tqdm(range(start, args.steps), desc="stage 2: distill", disa
         rec |= check_finite(step, loss_gen=loss_g, **({"loss_rec": loss_b} if args.bridge_lr > 0 else {}))
         (loss_g + args.rec_weight * loss_b).backward()
         all_reduce_grads(bridge.parameters()) if args.bridge_lr > 0 else None
-        rec["grad_norm_gen"] = full(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)).item()
+        rec["grad_norm_gen"] = TS.full(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)).item()
         for name in ("student", "projector"):
             if name in optimizers:
                 optimizers[name].step()
@@ -578,7 +570,7 @@ for step in (bar := tqdm(range(start, args.steps), desc="stage 2: distill", disa
         loss_f = BR.flow_matching_loss(teacher(BR.add_noise(x0, n, sigma), sigma, t_ctx, t_pooled, guid(B)), x0, n)
     rec |= check_finite(step, loss_fake=loss_f)
     loss_f.backward()
-    rec["grad_norm_fake"] = full(torch.nn.utils.clip_grad_norm_([q for _, q in lora], args.grad_clip)).item()
+    rec["grad_norm_fake"] = TS.full(torch.nn.utils.clip_grad_norm_([q for _, q in lora], args.grad_clip)).item()
     optimizers["lora"].step()
     optimizers["lora"].zero_grad(set_to_none=True)
     log(rec)
@@ -597,10 +589,21 @@ if master:
     export_sd15_single_file(model, svae_fp32, clip, out / "student.safetensors", meta)
     if ema is not None:
         export_sd15_single_file(ema, svae_fp32, clip, out / "student_ema.safetensors", meta | {"ema": str(args.ema)})
+    if (tok := Path(args.student).parent / "tokenizer.json").is_file():  # a vocabulary of its own (the toy's)
+        shutil.copyfile(tok, out / "tokenizer.json")
     if args.bridge_lr > 0 or not (out / "bridge.safetensors").exists():  # fine-tuned, or stage 1 was skipped
         save_atomic(bridge.state_dict(), out / "bridge.safetensors")
     print(f"stage 2: {args.steps - start} steps in {time.time() - t0:.1f}s; run {time.time() - t_start:.1f}s; "
           f"wrote {out}/: student.safetensors{', student_ema.safetensors' if ema is not None else ''}, "
           "bridge.safetensors, log.jsonl, grid_*.png, checkpoint.safetensors")
+    if args.eval:
+        scores |= {"student": judge_scores(model)} | ({"ema": judge_scores(ema)} if ema is not None else {})
+        log({"stage": "judge", **scores})
+        ref = json.loads((TOY / "scores.json").read_text()) if (TOY / "scores.json").is_file() else {}
+        scores |= {"teacher (28 steps)": ref["teacher_euler28_cfg5"]} if "teacher_euler28_cfg5" in ref else {}
+        print(f"judge, one step from t = 999 on {args.eval} fixed prompts and seeds (all_correct = the toy HPS):")
+        for name, r in scores.items():
+            print(f"  {name:18s} all_correct {r['all_correct']:.3f} | " + " ".join(
+                f"{k} {r[k]:.2f}" for k in toy.ATTRIBUTES) + f" | fd {r['fd']:.2f}")
 if ddp:
     dist.destroy_process_group()

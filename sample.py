@@ -1,18 +1,23 @@
 """Sample images from a checkpoint: SD 1.5 with DDIM, or a flow-matching teacher (SD3 / SD3.5, FLUX.1) with Euler.
 
+    python sample.py --prompt "a red circle on a blue background"   # the distilled toy student, one step
     python sample.py --ckpt v1-5-pruned-emaonly.safetensors --prompt "a watercolor fox in the snow" --seed 1
     python sample.py --ckpt sd3.5_large.safetensors --text-encoders text_encoders/ --prompt "..."
     python sample.py --ckpt flux1-dev.safetensors --text-encoders text_encoders/ --vae ae.safetensors --prompt "..."
 
-The model is told by the checkpoint's keys. Each sampler runs as the diffusers pipeline with its released scheduler
-config does, and draws the initial noise as diffusers does (CPU generator, model dtype), so the same seed, steps,
-guidance and size give the same image as diffusers:
+Without --ckpt: the student `python distill.py` wrote (out/toy/ or out/tiny/student.safetensors), else the committed
+distilled toy student (assets/toy/distilled/). The model is told by the checkpoint's keys. SD 1.5's CLIP tokenizer: a
+pipeline's tokenizer/, else a tokenizer.json beside the single file (the toy models' own vocabulary), else CLIP's
+BPE. Each sampler runs as the diffusers pipeline with its released scheduler config does, and draws the initial
+noise as diffusers does (CPU generator, model dtype), so the same seed, steps, guidance and size give the same image
+as diffusers:
   SD 1.5  StableDiffusionPipeline + DDIMScheduler: DDIM, eta 0, classifier-free guidance (default 25 steps, cfg 7.5,
           512 px). SD 1.5 scheduler_config.json: scaled-linear betas 0.00085..0.012, "leading" spacing,
           steps_offset 1, set_alpha_to_one False.
   SD3     StableDiffusion3Pipeline: Euler on flow time, shift 3.0, classifier-free guidance (28 steps, cfg 7.0).
   FLUX.1  FluxPipeline: Euler, resolution-dependent exponential shift; dev embeds --cfg as its guidance (28 steps,
-          3.5, no negative prompt), schnell takes none (4 steps, no shift). Teachers default to 1024 px.
+          3.5, no negative prompt), schnell takes none (4 steps, no shift). Teachers default to 1024 px (at most
+          what an SD3 model's position table covers: 128 px for the toy teacher).
 Teachers' text encoders: --text-encoders (a folder of clip_l / clip_g / t5xxl safetensors and a T5 tokenizer, or a
 pipeline root), else the checkpoint's own pipeline folder. Their VAE: --vae, else the checkpoint itself (a pipeline
 root's vae/, or first_stage_model.* in an SD3.5 single file), else ae.safetensors beside the checkpoint or in the
@@ -43,12 +48,14 @@ from tqdm import tqdm
 from conditioning import load_teacher_text
 from teacher_mmdit import FluxConfig, detect_teacher, load_teacher
 from text_encoders import load_clip
-from tokenizer import CLIPTokenizer
+from tokenizer import find_clip_tokenizer
 from unet import load_unet
 from vae import load_vae
 from weights import Checkpoint, CheckpointError, describe, find_component
 
-DISTILLED = "out/student.safetensors"  # what `python distill.py` writes by default
+# --ckpt by default: what `python distill.py [--preset toy]` wrote, else the committed distilled toy student
+DISTILLED = ("out/toy/student.safetensors", "out/tiny/student.safetensors",
+             str(Path(__file__).resolve().parent / "assets" / "toy" / "distilled" / "student.safetensors"))
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # (steps, guidance, size in px): the diffusers pipelines' defaults (SD 1.5 7.5; SD3 28 steps, 7.0; FLUX.1-dev 28
 # steps, 3.5) except SD 1.5's steps (25: DDIM is converged there; the pipeline says 50) and schnell's 4 (model card).
@@ -90,12 +97,17 @@ def ddim_step(x, eps, alpha, alpha_prev):
 
 @torch.no_grad()
 def sample_sd15(unet, clip, tokenizer, prompt, negative, noise, steps, cfg, progress=True) -> torch.Tensor:
-    """noise (B, 4, h, w) on the models' device -> final latent (B, 4, h, w) fp32.
-    Classifier-free guidance (cfg > 1) runs uncond and cond as one batch: eps_u + cfg * (eps_c - eps_u)."""
-    B, dev, dtype = noise.shape[0], noise.device, next(unet.parameters()).dtype
-    guided = cfg > 1.0  # as diffusers: guidance_scale <= 1 means no unconditional pass
-    texts = ([negative] * B if guided else []) + [prompt] * B
-    context = clip(tokenizer.encode(texts).to(dev)).last_hidden_state  # (B or 2B, 77, 768)
+    """noise (B, 4, h, w) on the models' device -> final latent (B, 4, h, w) fp32."""
+    B, dev = noise.shape[0], noise.device
+    texts = ([negative] * B if cfg > 1.0 else []) + [prompt] * B  # as diffusers: cfg <= 1 means no uncond pass
+    return ddim_sample(unet, clip(tokenizer.encode(texts).to(dev)).last_hidden_state, noise, steps, cfg, progress)
+
+
+@torch.no_grad()
+def ddim_sample(unet, context, noise, steps, cfg, progress=False) -> torch.Tensor:
+    """DDIM from noise (B, 4, h, w) -> final latent fp32. context: (B, 77, D), or with classifier-free guidance
+    (cfg > 1) (2B, 77, D) = [uncond; cond], run as one batch: eps = eps_u + cfg * (eps_c - eps_u)."""
+    dev, dtype, guided = noise.device, next(unet.parameters()).dtype, cfg > 1.0
     timesteps, alphas, alphas_prev = ddim_schedule(steps)
     x = noise.float()
     for i in tqdm(range(steps), disable=not progress, desc="ddim"):
@@ -108,20 +120,26 @@ def sample_sd15(unet, clip, tokenizer, prompt, negative, noise, steps, cfg, prog
     return x
 
 
+def one_step_x0(unet, x, t: int, context) -> torch.Tensor:
+    """An eps-prediction UNet's x0 estimate at timestep t: (x - sqrt(1 - abar) eps) / sqrt(abar), in fp32 (abar(999)
+    = 0.0047, so eps errors are amplified ~15x). From pure noise at t = 999: a distilled student's sample."""
+    a = sd15_alphas_cumprod()[t].item()
+    eps = unet(x.to(next(unet.parameters()).dtype), torch.full((x.shape[0],), t, device=x.device), context).float()
+    return (x.float() - (1 - a) ** 0.5 * eps) / a ** 0.5
+
+
 @torch.no_grad()
 def sample_one_step(unet, clip, tokenizer, prompt, noise, steps=1, t_start=999, generator=None) -> torch.Tensor:
-    """A distilled student (distill.py): x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) from pure noise at t = 999, in
-    fp32 (abar(999) = 0.0047, so eps errors are amplified ~15x). No CFG: the teacher's guidance is distilled in.
-    steps > 1 (DMD2's multi-step sampling): re-noise x0 with fresh noise to the next of `steps` evenly spaced
-    timesteps (999, 749, 499, 249 for 4) and predict again."""
-    B, dev, dtype = noise.shape[0], noise.device, next(unet.parameters()).dtype
+    """A distilled student (distill.py): its x0 estimate from pure noise at t = 999. No CFG: the teacher's guidance is
+    distilled in. steps > 1 (DMD2's multi-step sampling): re-noise x0 with fresh noise to the next of `steps` evenly
+    spaced timesteps (999, 749, 499, 249 for 4) and predict again."""
+    B, dev = noise.shape[0], noise.device
     context = clip(tokenizer.encode([prompt] * B).to(dev)).last_hidden_state
     ac = sd15_alphas_cumprod()
     ts = [t_start - k * ((t_start + 1) // steps) for k in range(steps)]
     x = noise.float()
     for i, t in enumerate(ts):
-        eps = unet(x.to(dtype), torch.full((B,), t, device=dev), context).float()
-        x0 = (x - (1 - ac[t]) ** 0.5 * eps) / ac[t] ** 0.5
+        x0 = one_step_x0(unet, x, t, context)
         if i + 1 < len(ts):
             fresh = torch.randn(x.shape, generator=generator).to(dev)
             x = ac[ts[i + 1]] ** 0.5 * x0 + (1 - ac[ts[i + 1]]) ** 0.5 * fresh
@@ -258,8 +276,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("what")
     g.add_argument("--prompt", required=True)
     g.add_argument("--negative-prompt", default="", help="the unconditional branch of CFG (default: empty)")
-    g.add_argument("--ckpt", default=DISTILLED, help="single .safetensors file or diffusers pipeline folder "
-                   "(default: the student that `python distill.py` wrote)")
+    g.add_argument("--ckpt", help="single .safetensors file or diffusers pipeline folder (default: the first distilled "
+                   f"student of {', '.join(DISTILLED[:2])}, assets/toy/distilled/student.safetensors)")
     g.add_argument("--text-encoders", help="teachers: folder of clip_l/clip_g/t5xxl safetensors, or a pipeline root")
     g.add_argument("--t5-tokenizer", help="teachers: T5 tokenizer.json or spiece.model (default: found beside T5)")
     g.add_argument("--vae", help="teachers: VAE file or folder (FLUX: ae.safetensors)")
@@ -282,8 +300,11 @@ def run(args) -> list[Path]:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device}: this torch build sees no CUDA device")
-    if args.ckpt == DISTILLED and not Path(DISTILLED).exists():
-        raise UsageError(f"--ckpt: no {DISTILLED} yet; run `python distill.py` first, or name a checkpoint")
+    if args.ckpt is None:
+        args.ckpt = next((p for p in DISTILLED if Path(p).is_file() and Checkpoint(p).metadata.get("distilled") == "1"),
+                         None)
+        if args.ckpt is None:
+            raise UsageError(f"--ckpt: no {DISTILLED[1]} yet; run `python distill.py` first, or name a checkpoint")
     family, tcfg = detect(args.ckpt)
     # distill.py marks its students: one step from t = 999 by default, at the resolution they were trained at
     meta = Checkpoint(args.ckpt).metadata if family == "sd15" and Path(args.ckpt).is_file() else {}
@@ -296,6 +317,8 @@ def run(args) -> list[Path]:
         steps, cfg, size = int(meta.get("steps", 1)), None, int(meta.get("resolution", size))
         if args.cfg is not None:
             raise UsageError("--cfg: a distilled student runs without CFG (the teacher's guidance is distilled in)")
+    if family == "sd3":  # a small position table (the toy teacher's) caps the default size
+        size = min(size, 16 * tcfg.pos_embed_max_size)
     steps, cfg = args.steps or steps, cfg if args.cfg is None else args.cfg
     width, height = args.width or size, args.height or size
     multiple = 8 if family == "sd15" else 16  # the VAE's 8x; teachers also patchify 2x2
@@ -325,15 +348,14 @@ def run(args) -> list[Path]:
     progress = not args.quiet
     if family == "sd15":
         unet = load_unet(args.ckpt, dtype=dtype, device=device)
-        # Single files carry no tokenizer; a pipeline's `tokenizer/` is the same CLIP BPE: the repo's copy serves both.
+        # A pipeline's `tokenizer/`, a tokenizer.json beside a single file (the toy models'), else CLIP's BPE
         clip = load_clip(find_component(args.ckpt, "text_encoder"), dtype=dtype, device=device)
+        tok = find_clip_tokenizer(args.ckpt)
         if distilled:
-            latents = sample_one_step(unet, clip, CLIPTokenizer(), args.prompt, noise, steps,
-                                      int(meta.get("timestep", 999)), gen)
+            latents = sample_one_step(unet, clip, tok, args.prompt, noise, steps, int(meta.get("timestep", 999)), gen)
             params.update(sampler="distilled", distilled_steps=steps)
         else:
-            latents = sample_sd15(unet, clip, CLIPTokenizer(), args.prompt, args.negative_prompt, noise, steps, cfg,
-                                  progress)
+            latents = sample_sd15(unet, clip, tok, args.prompt, args.negative_prompt, noise, steps, cfg, progress)
             params.update(sampler="ddim", cfg=cfg)
         del unet, clip
         vae = load_vae(args.ckpt, family="sd15", dtype=dtype, device=device)

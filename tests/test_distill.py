@@ -22,8 +22,8 @@ from teacher_mmdit import LoRALinear
 from vae import load_vae
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["--latents", "12", "--held-out", "4", "--bridge-steps", "4", "--fake-steps-per-gen", "2", "--sample-every",
-        "3", "--ckpt-every", "3", "--batch-size", "2"]
+FAST = ["--preset", "tiny", "--latents", "12", "--held-out", "4", "--bridge-steps", "4", "--fake-steps-per-gen", "2",
+        "--sample-every", "3", "--ckpt-every", "3", "--batch-size", "2"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 
@@ -238,3 +238,17 @@ def test_bad_input(main_run, tmp_path, capsys):
         assert not (tmp_path / d).exists() or not any((tmp_path / d).iterdir()), d
     assert (tmp_path / "file").read_text() == "x"
     assert digest(main / "checkpoint.safetensors") == before
+
+
+def test_preset_reruns_over_its_own_finished_run(main_run):
+    """The same preset command again into the same folder: a finished run with the same settings is run again from
+    the start (its log restarts, the results repeat); anything else there stays refused (test_bad_input)."""
+    main, _ = main_run
+    before = records(main)
+    rc, out, err = run([*FAST, "--steps", "6", "--out", main])
+    assert rc == 0 and "running it again" in out, err[-2000:]
+    after = records(main)
+    assert [r["step"] for r in after] == [1, 2, 3, 4, 5, 6] and len(records(main, "bridge")) == 4
+    for ra, rb in zip(before, after, strict=True):
+        for k in set(ra) - {"stage"}:
+            assert rb[k] == pytest.approx(ra[k], rel=1e-5, abs=1e-7), (ra["step"], k)

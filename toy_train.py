@@ -1,0 +1,595 @@
+"""Train the toy world's tiny teacher and student with the project's own modules; evaluate them with the judge.
+
+The paper's setting in miniature (see toy.py for the world and its judge):
+  teacher  SD3.5-structured MMDiT-X (attn2 + qk norm) in a 16-channel latent space at 128 px (16x16x16 latents),
+           conditioned on CLIP-L + CLIP-G penultimate states + T5, flow matching, Euler + CFG.
+  student  SD 1.5-structured UNet in a 4-channel latent space at 64 px (4x8x8 latents), eps prediction on SD 1.5's
+           DDPM schedule, DDIM + CFG: smaller and trained for less time, as SD 1.5 is weaker than SD 3.5.
+Each has its own KL autoencoder (vae.py, tiny presets with one ResNet block per level, 64 channels), trained on
+32 px crops of toy renders (L1 + L2 reconstruction and a small KL, no GAN), then its decoder alone on whole images
+(GroupNorm statistics differ between crops and whole images; the frozen encoder keeps the latents unchanged).
+The latent scale is BAKED INTO THE WEIGHTS (at 70% of the VAE steps): the encoder's last 1x1 / 3x3 conv and the
+decoder's first conv are re-parameterised so that the raw latents z satisfy (z - shift) * scale ~ N(0, 1) per
+channel with the family's own constants (SD 1.5 0.18215; SD3 1.5305, 0.0609), which `load_vae(family=...)` applies.
+The files then look like real ones and every loader reads them unchanged.
+The text encoders (tiny CLIP / T5 structures over the toy vocabulary, 77 CLIP positions) are trained jointly with
+their diffusion model, through conditioning.py's own `sd15_context` / `sd3_conditioning`.
+
+Output, in the real layouts (fp16 storage):
+  assets/toy/student/toy_sd15.safetensors   model.diffusion_model.* + first_stage_model.* +
+                                            cond_stage_model.transformer.text_model.*   (+ tokenizer.json beside it)
+  assets/toy/teacher/toy_sd35.safetensors   model.diffusion_model.* + first_stage_model.*
+  assets/toy/teacher/text_encoders/         clip_l.safetensors, clip_g.safetensors, t5xxl_fp16.safetensors,
+                                            tokenizer.json (CLIP and T5 specials; fixes the T5 length to 32)
+  assets/toy/scores.json                    the judge's verdict on 200 prompts
+
+Teacher training time: SD3's logit-normal(0, 1) sigma (Esser et al. 2024, sec. 3.1), then shifted by 3.0
+(sigma' = 3 sigma / (1 + 2 sigma)), the shift sample.py's SD3 sampler uses, so training puts its weight where the
+sampler spends its steps. CFG dropout: 10% empty prompts for both models.
+
+    python toy_train.py                          # everything (~35-40 min on 2 CPU cores)
+    python toy_train.py --what vae_s,student     # parts: tokenizer, vae_s, vae_t, dec_s, dec_t, teacher, student, eval
+    python toy_train.py --what vae_s --more      # more VAE steps from the saved weights
+The teacher and student stop at their step count or their minutes, whichever comes first (the cosine learning rate
+follows that progress), so a slow shared machine still ends on time with an annealed model.
+"""
+import argparse
+import json
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+import conditioning as C
+import toy
+import vae as V
+from teacher_mmdit import PRESETS as TEACHER_PRESETS
+from teacher_mmdit import MMDiT, load_teacher
+from text_encoders import PRESETS as CLIP_PRESETS
+from text_encoders import T5_PRESETS, CLIPTextModel, T5Encoder, load_clip, load_t5
+from tokenizer import BOS, EOS, CLIPTokenizer, T5Tokenizer
+from unet import PRESETS as UNET_PRESETS
+from unet import UNet, load_unet
+from weights import Checkpoint, save_atomic
+
+ROOT = Path(__file__).resolve().parent / "assets" / "toy"
+STUDENT = ROOT / "student" / "toy_sd15.safetensors"
+TEACHER = ROOT / "teacher" / "toy_sd35.safetensors"
+TEXT_ENCODERS = ROOT / "teacher" / "text_encoders"
+SCORES = ROOT / "scores.json"
+SPECIALS = ("<pad>", "</s>", "<unk>", BOS, EOS)  # <pad> = id 0 (T5's pad, and CLIP-G's pad id 0)
+T5_LENGTH = 32  # every toy caption fits (<= 20 words); stored as the tokenizer.json's fixed padding length
+
+# ------------------------------------------------------------------------------------------------------ the models
+# 4 levels (8x) of 64 channels, one ResNet block each (the decoder two), 4 latent channels. Not 32 channels at level 0
+# as the tiny preset: single files fix 32 GroupNorm groups, and 32 channels in 32 groups is an instance norm right
+# before the output conv, which erases the absolute colour of flat regions (this world is flat colours); with two
+# channels per group the decoder can keep it, and learns several times faster.
+VAE_S = replace(V.PRESETS["tiny_sd15"], ch_mult=(2, 2, 2, 2), num_res_blocks=1)
+VAE_T = replace(V.PRESETS["tiny_sd3"], ch_mult=(2, 2, 2, 2), num_res_blocks=1)  # same, 16 latent channels
+VOCAB_SIZE = len(SPECIALS) + len(toy.VOCAB)
+# Head size 64 and quick GELU: what load_clip infers from a single file of width 64 (heads = width // 64).
+_CLIP = replace(CLIP_PRESETS["tiny_l"], vocab_size=VOCAB_SIZE, width=64, layers=2, heads=1, mlp=128)
+STUDENT_CLIP = _CLIP
+TEACHER_CLIP_L = replace(_CLIP, projection=64)  # SD3's clip_l.safetensors carries a text_projection
+TEACHER_CLIP_G = replace(_CLIP, projection=64)  # act stays quick GELU: the loader decides by width, not name
+# sd3_conditioning pads CLIP-L ++ CLIP-G (64 + 64) to the T5 width: d_model 128 = the teacher's context_dim.
+TEACHER_T5 = replace(T5_PRESETS["tiny"], vocab_size=VOCAB_SIZE, d_model=128, layers=2, heads=2, d_kv=64, d_ff=256)
+# MMDiT rule: heads = depth, hidden = depth * head_dim = 128; MMDiT-X attn2 in blocks 0, 1; 8x8 patch grid.
+TEACHER_CFG = replace(TEACHER_PRESETS["tiny_sd35"], depth=4, head_dim=32, pos_embed_max_size=8, context_dim=128,
+                      pooled_dim=128, attn2_blocks=(0, 1), variant="toy_sd35")
+# SD 1.5 structure (4 levels, attention in the first three, 8 heads, 32 groups), narrow and one ResBlock per level.
+STUDENT_CFG = replace(UNET_PRESETS["tiny"], model_channels=32, channel_mult=(1, 1, 2, 2), num_res_blocks=1,
+                      context_dim=64)
+STUDENT_RES, TEACHER_RES = 64, 128
+
+PLAN = dict(  # steps, batch, lr, data: sized for ~35-40 minutes on two shared CPU cores
+    # 32 px crops (the VAEs are fully convolutional; attention only in the mid block, at 4x4 here)
+    vae_s=dict(steps=800, batch=8, lr=1e-3, n=1500, crop=32),  # 4 channels: the harder squeeze
+    vae_t=dict(steps=400, batch=8, lr=1e-3, n=1500, crop=32),
+    dec_s=dict(steps=300, batch=8, lr=5e-4, n=1000),  # then the decoders alone, on whole images
+    dec_t=dict(steps=200, batch=4, lr=5e-4, n=600),
+    teacher=dict(steps=800, batch=24, lr=8e-4, n=1500, minutes=24),  # whichever ends first: steps or minutes
+    student=dict(steps=600, batch=48, lr=6e-4, n=2000, minutes=12),
+)
+DATA_SEED, EVAL_SEED, EVAL_N = 1, 777, 200
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def half(state: dict, prefix: str = "") -> dict:
+    return {prefix + k: v.detach().to(torch.float16).contiguous() for k, v in state.items()}
+
+
+def merge_save(path: Path, tensors: dict, drop_prefixes: tuple) -> None:
+    """Write `tensors` into the single file at `path`, keeping its other parts (parts are trained separately)."""
+    old = {} if not path.exists() else {k: v for k, v in Checkpoint(path).tensors(dtype=torch.float16).items()
+                                        if not k.startswith(drop_prefixes)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_atomic({**old, **tensors}, path)
+
+
+def cosine(step: int, steps: int, lr: float, warmup: int = 50) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, steps - warmup))))
+
+
+class Budget:
+    """Training progress in [0, 1]: steps done or wall-clock minutes spent, whichever is further along, so that the
+    cosine schedule still anneals to zero when a shared machine is slower than planned."""
+
+    def __init__(self, plan: dict):
+        self.steps, self.seconds, self.t0 = plan["steps"], 60 * plan.get("minutes", 1e9), time.time()
+
+    def progress(self, step: int) -> float:
+        return max(step / self.steps, (time.time() - self.t0) / self.seconds)
+
+    def lr(self, step: int, lr: float, warmup: int = 50) -> float:
+        return cosine(int(self.progress(step) * 10**6), 10**6, lr, warmup * 10**6 // self.steps)
+
+
+# --------------------------------------------------------------------------------------------------- the tokenizer
+def build_tokenizer(path: Path) -> Tokenizer:
+    """WordLevel over SPECIALS + toy.VOCAB (every word its own id), lower-cased, split on whitespace and
+    punctuation (= toy.words). Fixed padding to T5_LENGTH: the T5 length the toy teacher is trained with."""
+    vocab = {w: i for i, w in enumerate(SPECIALS + tuple(toy.VOCAB))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.add_special_tokens(list(SPECIALS))
+    tok.enable_padding(length=T5_LENGTH, pad_id=0, pad_token="<pad>")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path))
+    return tok
+
+
+def tokenizers(folder: Path) -> tuple[CLIPTokenizer, CLIPTokenizer, T5Tokenizer]:
+    """(CLIP padding with EOS, CLIP padding with <pad> = 0, T5) from the folder's tokenizer.json."""
+    path = folder / "tokenizer.json"
+    return CLIPTokenizer.from_file(path), CLIPTokenizer.from_file(path, 0), T5Tokenizer.from_file(path)
+
+
+# ----------------------------------------------------------------------------------------------------------- data
+def renders(n: int, size: int) -> tuple[torch.Tensor, list]:
+    """n renders (fixed seed) at `size` px and their scenes; 128 px with 2x2 supersampling (as the judge's pool)."""
+    scenes = toy.sample_scenes(n, DATA_SEED)
+    images = torch.cat([toy.render(scenes[i:i + 500], size, 4 if size <= 64 else 2) for i in range(0, n, 500)])
+    return images, scenes
+
+
+def captions(scenes: list, rng: np.random.Generator, p_empty: float = 0.1) -> list[str]:
+    """A fresh random caption per scene (template and synonyms), the empty prompt with probability p_empty."""
+    return ["" if rng.random() < p_empty else toy.caption(s, rng) for s in scenes]
+
+
+# ------------------------------------------------------------------------------------------------------------ VAEs
+def vae_moments(vae: V.VAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    m = vae.encoder(x)
+    m = vae.quant_conv(m) if vae.cfg.use_quant_conv else m
+    return m.chunk(2, dim=1)
+
+
+def bake_latent_scale(vae: V.VAE, images: torch.Tensor) -> dict:
+    """Re-parameterise encoder output and decoder input so that the raw posterior means z' of `images` give
+    (z' - shift) * scale ~ zero mean (per channel), unit std (over all channels), with the family's constants
+    (cfg.scale_factor / shift_factor): z' = a (z - mu) + shift, a = 1 / (scale * std). Exact through the 1x1
+    quant convs (SD 1.5); through SD3's 3x3 decoder.conv_in exact up to zero padding at the border, which the
+    training that follows absorbs."""
+    with torch.no_grad():
+        z = torch.cat([vae_moments(vae, images[i:i + 64])[0] for i in range(0, len(images), 64)])
+        mu, std = z.mean((0, 2, 3)), (z - z.mean((0, 2, 3), keepdim=True)).std()
+        c = vae.cfg.latent_channels
+        a, b0 = float(1 / (vae.cfg.scale_factor * std)), vae.cfg.shift_factor
+        enc = vae.quant_conv if vae.cfg.use_quant_conv else vae.encoder.conv_out
+        dec = vae.post_quant_conv if vae.cfg.use_quant_conv else vae.decoder.conv_in
+        enc.weight[:c] *= a
+        enc.bias[:c] = a * (enc.bias[:c] - mu) + b0
+        enc.bias[c:] += 2 * math.log(a)  # log-variance of a z
+        # decoder sees z = (z' - b0) / a + mu: W z + c = (W / a) z' + c + W (mu - b0 / a)
+        dec.bias += torch.einsum("oikl,i->o", dec.weight, mu - b0 / a)
+        dec.weight /= a
+    return {"std_before": float(std), "a": a}
+
+
+def latent_stats(vae: V.VAE, images: torch.Tensor) -> dict:
+    with torch.no_grad():
+        z = torch.cat([vae.encode(images[i:i + 64]) for i in range(0, len(images), 64)])  # scaled and shifted
+    return {"mean": float(z.mean()), "std": float(z.std()), "channel_mean_absmax": float(z.mean((0, 2, 3)).abs().max())}
+
+
+def train_vae(cfg: V.VAEConfig, res: int, plan: dict, seed: int, init=None) -> tuple[V.VAE, dict]:
+    """L1 + L2 reconstruction of sampled latents (so the decoder tolerates latent noise) + 1e-6 KL, on random
+    8-px-aligned crops; the latent scale is baked in at 70% of the steps, the rest of training settles it."""
+    torch.manual_seed(seed)
+    t0 = time.time()
+    images, _ = renders(plan["n"], res)
+    log(f"vae {res}px: {len(images)} renders in {time.time() - t0:.0f}s")
+    if init is not None:  # more steps on a saved VAE (--more)
+        vae = V.load_vae(init, family="sd15" if cfg.latent_channels == 4 else "sd3").train().requires_grad_(True)
+    else:
+        vae = V.VAE(cfg)
+        with torch.no_grad():  # start with a small posterior std (e^-3): the means carry the signal from the outset
+            (vae.quant_conv if cfg.use_quant_conv else vae.encoder.conv_out).bias[cfg.latent_channels:] = -6.0
+    opt = torch.optim.AdamW(vae.parameters(), lr=plan["lr"], betas=(0.9, 0.99), weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)
+    crop, steps = plan["crop"], plan["steps"]
+    for step in range(steps):
+        if step == int(0.7 * steps):
+            baked = bake_latent_scale(vae, images[:512])
+            opt = torch.optim.AdamW(vae.parameters(), betas=(0.9, 0.99), weight_decay=0.0)  # moments: reset
+            log(f"vae {res}px: latent scale baked in {baked}")
+        for group in opt.param_groups:
+            group["lr"] = cosine(step, steps, plan["lr"], warmup=20)
+        idx = torch.randint(0, len(images), (plan["batch"],), generator=g)
+        oy, ox = (int(v) * 8 for v in torch.randint(0, (res - crop) // 8 + 1, (2,), generator=g))
+        x = images[idx, :, oy:oy + crop, ox:ox + crop]
+        mean, logvar = vae_moments(vae, x)
+        logvar = logvar.clamp(-30, 20)
+        z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+        y = vae.decoder(vae.post_quant_conv(z) if cfg.use_quant_conv else z)
+        kl = 0.5 * (mean.square() + logvar.exp() - 1 - logvar).mean()
+        loss = (y - x).abs().mean() + (y - x).square().mean() + 1e-6 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0 or step == steps - 1:
+            log(f"vae {res}px step {step:4d} loss {loss.item():.4f} kl {kl.item():.1f}")
+    vae.eval().requires_grad_(False)
+    held = toy.render(toy.sample_scenes(64, 99), res)
+    with torch.no_grad():
+        rec = vae.decode(vae.encode(held))
+    info = {"seconds": round(time.time() - t0), "l1_held_out": float((rec - held).abs().mean()),
+            "latent": latent_stats(vae, images[:512]), "params": sum(p.numel() for p in vae.parameters())}
+    log(f"vae {res}px done: {info}")
+    return vae, info
+
+
+def run_vae(which: str, more: bool = False) -> dict:
+    cfg, res, path = (VAE_S, STUDENT_RES, STUDENT) if which == "vae_s" else (VAE_T, TEACHER_RES, TEACHER)
+    vae, info = train_vae(cfg, res, PLAN[which], seed=(1 if which == "vae_s" else 2) + 10 * more,
+                          init=path if more else None)
+    merge_save(path, half(vae.state_dict(), "first_stage_model."), ("first_stage_model.",))
+    return info
+
+
+def finetune_decoder(which: str, plan: dict, seed: int = 5) -> dict:
+    """Decoder-only training on FULL images: GroupNorm statistics and the mid-block attention differ between crops
+    and whole images, so a decoder trained on crops decodes whole latents badly. The encoder stays frozen, so the
+    latents (and a diffusion model trained on them) are unchanged."""
+    cfg, res, path, family = (VAE_S, STUDENT_RES, STUDENT, "sd15") if which == "dec_s" else \
+        (VAE_T, TEACHER_RES, TEACHER, "sd3")
+    torch.manual_seed(seed)
+    t0 = time.time()
+    vae = V.load_vae(path, family=family)
+    images, _ = renders(plan["n"], res)
+    with torch.no_grad():
+        moments = [vae_moments(vae, images[i:i + 50]) for i in range(0, len(images), 50)]
+        mean, logvar = torch.cat([m for m, _ in moments]), torch.cat([v for _, v in moments])
+    dec = [vae.decoder] + ([vae.post_quant_conv] if cfg.use_quant_conv else [])
+    params = [p for m in dec for p in m.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    vae.decoder.train()
+    opt = torch.optim.AdamW(params, lr=plan["lr"], betas=(0.9, 0.99), weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)
+    for step in range(plan["steps"]):
+        for group in opt.param_groups:
+            group["lr"] = cosine(step, plan["steps"], plan["lr"], warmup=10)
+        idx = torch.randint(0, len(images), (plan["batch"],), generator=g)
+        z = mean[idx] + torch.exp(0.5 * logvar[idx].clamp(-30, 20)) * torch.randn(mean[idx].shape, generator=g)
+        x = images[idx]
+        y = vae.decoder(vae.post_quant_conv(z) if cfg.use_quant_conv else z)
+        loss = (y - x).abs().mean() + (y - x).square().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == plan["steps"] - 1:
+            log(f"{which} step {step:4d} loss {loss.item():.4f}  {time.time() - t0:.0f}s")
+    vae.eval().requires_grad_(False)
+    held = toy.render(toy.sample_scenes(64, 99), res)
+    with torch.no_grad():
+        rec = vae.decode(vae.encode(held))
+    merge_save(path, half(vae.state_dict(), "first_stage_model."), ("first_stage_model.",))
+    info = {"seconds": round(time.time() - t0), "l1_held_out": float((rec - held).abs().mean()), **plan}
+    log(f"{which} done: {info}")
+    return info
+
+
+# -------------------------------------------------------------------------------------------------------- training
+def encode_dataset(vae: V.VAE, images: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([vae.encode(images[i:i + 100]) for i in range(0, len(images), 100)])
+
+
+def sd3_text(clip_l, clip_g, t5, toks, prompts):
+    """conditioning.sd3_conditioning with gradients (its undecorated function): the exact conditioning used at
+    inference, so the jointly trained encoders see the same thing in training and in sample.py / distill.py."""
+    return C.sd3_conditioning.__wrapped__(clip_l, clip_g, t5, prompts, T5_LENGTH, toks[2], toks[0], toks[1])
+
+
+def cached_latents(which: str, n: int, res: int, path: Path) -> tuple[torch.Tensor, list]:
+    """Latents of `n` renders, cached under /tmp by encoder weights and size (encoding 128 px images is slow)."""
+    scenes = toy.sample_scenes(n, DATA_SEED)
+    key = float(Checkpoint(path).tensors("first_stage_model.encoder.conv_out.", dtype=torch.float64)["weight"].sum())
+    cache = Path(f"/tmp/toy_latents_{which}_{n}_{key:.12e}.pt")
+    if cache.exists():
+        return torch.load(cache), scenes
+    images, _ = renders(n, res)
+    x0 = encode_dataset(V.load_vae(path, family="sd15" if which == "student" else "sd3"), images)
+    torch.save(x0, cache)
+    return x0, scenes
+
+
+def train_teacher(plan: dict, seed: int = 3, more: bool = False) -> tuple[dict, dict]:
+    """Flow matching with CFG dropout; more=True continues from the saved teacher and text encoders (warm restart
+    of the cosine schedule)."""
+    torch.manual_seed(seed + 10 * more)
+    t0 = time.time()
+    x0_all, scenes = cached_latents("teacher", plan["n"], TEACHER_RES, TEACHER)
+    log(f"teacher: {len(x0_all)} latents {tuple(x0_all.shape[1:])} std {x0_all.std():.3f} in {time.time() - t0:.0f}s")
+    toks = tokenizers(TEXT_ENCODERS)
+    if more:
+        model, clip_l, clip_g, t5 = load_teacher(TEACHER), load_clip(TEXT_ENCODERS / "clip_l.safetensors"), \
+            load_clip(TEXT_ENCODERS / "clip_g.safetensors"), load_t5(TEXT_ENCODERS / "t5xxl_fp16.safetensors")
+        for m in (model, clip_l, clip_g, t5):
+            m.train().requires_grad_(True)
+    else:
+        model, clip_l, clip_g, t5 = MMDiT(TEACHER_CFG), CLIPTextModel(TEACHER_CLIP_L), \
+            CLIPTextModel(TEACHER_CLIP_G), T5Encoder(TEACHER_T5)
+        init_weights(model, clip_l, clip_g, t5)
+    mods = [model, clip_l, clip_g, t5]
+    params = [p for m in mods for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=plan["lr"], weight_decay=0.01)
+    rng, g = np.random.default_rng(seed + 10 * more), torch.Generator().manual_seed(seed + 10 * more)
+    budget, step = Budget(plan), 0
+    while budget.progress(step) < 1:
+        for group in opt.param_groups:
+            group["lr"] = budget.lr(step, plan["lr"])
+        idx = torch.randint(0, len(x0_all), (plan["batch"],), generator=g)
+        x0 = x0_all[idx]
+        context, pooled = sd3_text(clip_l, clip_g, t5, toks, captions([scenes[i] for i in idx], rng))
+        sigma = torch.sigmoid(torch.randn(len(idx), generator=g))  # logit-normal(0, 1) (SD3)
+        sigma = 3 * sigma / (1 + 2 * sigma)  # shift 3.0, as sample.sd3_sigmas
+        noise = torch.randn(x0.shape, generator=g)
+        s = sigma[:, None, None, None]
+        v = model((1 - s) * x0 + s * noise, sigma, context, pooled)
+        loss = F.mse_loss(v, noise - x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % 50 == 0:
+            lr = opt.param_groups[0]["lr"]
+            log(f"teacher step {step:5d} loss {loss.item():.4f} lr {lr:.2e} {time.time() - t0:.0f}s")
+        step += 1
+    plan = {**plan, "steps_done": step}
+    TEXT_ENCODERS.mkdir(parents=True, exist_ok=True)
+    save_atomic(half(clip_l.state_dict()), TEXT_ENCODERS / "clip_l.safetensors")
+    save_atomic(half(clip_g.state_dict()), TEXT_ENCODERS / "clip_g.safetensors")
+    save_atomic(half(t5.state_dict()), TEXT_ENCODERS / "t5xxl_fp16.safetensors")
+    merge_save(TEACHER, half(model.state_dict(), "model.diffusion_model."), ("model.diffusion_model.",))
+    info = {"seconds": round(time.time() - t0), "params": sum(p.numel() for p in model.parameters()),
+            "text_params": sum(p.numel() for m in mods[1:] for p in m.parameters()), **plan}
+    log(f"teacher done: {info}")
+    return info
+
+
+def init_weights(*mods) -> None:
+    """Small normal init for the linear/embedding weights (the modules define no init of their own), zero
+    biases, unit norms; zero-init of the output projections keeps the first steps of training tame."""
+    for m in mods:
+        for name, p in m.named_parameters():
+            if p.ndim >= 2:
+                torch.nn.init.normal_(p, std=0.02) if "embed" in name or "shared" in name or "pos_embed" in name \
+                    else torch.nn.init.xavier_uniform_(p.view(p.shape[0], -1))
+            elif "norm" in name or "ln_" in name or name.endswith("layer_norm.weight") or "final_layer_norm" in name:
+                torch.nn.init.ones_(p) if name.endswith("weight") else torch.nn.init.zeros_(p)
+            else:
+                torch.nn.init.zeros_(p)
+        if isinstance(m, MMDiT):
+            for name, p in m.named_parameters():
+                if "adaLN_modulation" in name or name.startswith("final_layer.linear"):
+                    torch.nn.init.zeros_(p)
+
+
+def ddpm_alphas_cumprod() -> torch.Tensor:
+    """SD 1.5's schedule: scaled-linear betas 0.00085..0.012 over 1000 steps (v1-inference.yaml linear_start/end)."""
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, 0).float()
+
+
+def train_student(plan: dict, seed: int = 4, more: bool = False) -> dict:
+    """eps prediction on SD 1.5's schedule with CFG dropout; more=True continues from the saved UNet and CLIP."""
+    seed += 10 * more
+    torch.manual_seed(seed)
+    t0 = time.time()
+    x0_all, scenes = cached_latents("student", plan["n"], STUDENT_RES, STUDENT)
+    log(f"student: {len(x0_all)} latents {tuple(x0_all.shape[1:])} std {x0_all.std():.3f} in {time.time() - t0:.0f}s")
+    tok = CLIPTokenizer.from_file(STUDENT.parent / "tokenizer.json")
+    if more:
+        unet, clip = load_unet(STUDENT).train().requires_grad_(True), load_clip(STUDENT).train().requires_grad_(True)
+    else:
+        unet, clip = UNet(STUDENT_CFG), CLIPTextModel(STUDENT_CLIP)
+        init_weights(clip)
+        torch.nn.init.normal_(clip.text_model.embeddings.position_embedding.weight, std=0.01)
+    params = list(unet.parameters()) + list(clip.parameters())
+    opt = torch.optim.AdamW(params, lr=plan["lr"], weight_decay=0.01)
+    ac = ddpm_alphas_cumprod()
+    rng, g = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
+    budget, step = Budget(plan), 0
+    while budget.progress(step) < 1:
+        for group in opt.param_groups:
+            group["lr"] = budget.lr(step, plan["lr"])
+        idx = torch.randint(0, len(x0_all), (plan["batch"],), generator=g)
+        x0 = x0_all[idx]
+        context = C.sd15_context.__wrapped__(clip, tok, captions([scenes[i] for i in idx], rng))
+        t = torch.randint(0, 1000, (len(idx),), generator=g)
+        eps = torch.randn(x0.shape, generator=g)
+        a = ac[t][:, None, None, None]
+        loss = F.mse_loss(unet(a.sqrt() * x0 + (1 - a).sqrt() * eps, t, context), eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % 50 == 0:
+            lr = opt.param_groups[0]["lr"]
+            log(f"student step {step:5d} loss {loss.item():.4f} lr {lr:.2e} {time.time() - t0:.0f}s")
+        step += 1
+    plan = {**plan, "steps_done": step}
+    tensors = {**half(unet.state_dict(), "model.diffusion_model."),
+               **half(clip.state_dict(), "cond_stage_model.transformer.")}
+    merge_save(STUDENT, tensors, ("model.diffusion_model.", "cond_stage_model."))
+    info = {"seconds": round(time.time() - t0), "params": sum(p.numel() for p in unet.parameters()),
+            "text_params": sum(p.numel() for p in clip.parameters()), **plan}
+    log(f"student done: {info}")
+    return info
+
+
+# ------------------------------------------------------------------------------------------------------ evaluation
+def eval_prompts(n: int = EVAL_N, seed: int = EVAL_SEED) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [toy.caption(s, rng) for s in toy.sample_scenes(n, seed)]
+
+
+def load_toy_teacher():
+    """(teacher, text, vae) through the project's loaders, fp32 CPU."""
+    text = C.load_teacher_text(TEACHER, TEXT_ENCODERS)
+    return load_teacher(TEACHER), text, V.load_vae(TEACHER, family="sd3")
+
+
+def load_toy_student():
+    """(unet, clip, tokenizer, vae) through the project's loaders, fp32 CPU."""
+    tok = CLIPTokenizer.from_file(STUDENT.parent / "tokenizer.json")
+    return load_unet(STUDENT), load_clip(STUDENT), tok, V.load_vae(STUDENT, family="sd15")
+
+
+@torch.no_grad()
+def teacher_images(prompts, steps: int = 28, cfg: float = 5.0, seed: int = 0, batch: int = 100, parts=None):
+    import sample
+    teacher, text, vae = parts or load_toy_teacher()
+    out = []
+    for i in range(0, len(prompts), batch):
+        p = prompts[i:i + batch]
+        g = torch.Generator().manual_seed(seed + i)
+        noise = torch.randn(len(p), 16, TEACHER_RES // 8, TEACHER_RES // 8, generator=g)
+        context, pooled = text([""] * len(p) + p)
+        x = sample.sample_flow(teacher, context, pooled, noise, sample.sd3_sigmas(steps), cfg=cfg, progress=False)
+        out.append(vae.decode(x).clamp(-1, 1))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def student_images(prompts, steps: int = 25, cfg: float = 7.5, seed: int = 0, batch: int = 100, parts=None):
+    """DDIM with sample.py's SD 1.5 sampler; steps=1: the one-step x0 prediction from t=999 (with CFG)."""
+    import sample
+    unet, clip, tok, vae = parts or load_toy_student()
+    out = []
+    for i in range(0, len(prompts), batch):
+        p = prompts[i:i + batch]
+        g = torch.Generator().manual_seed(seed + i)
+        noise = torch.randn(len(p), 4, STUDENT_RES // 8, STUDENT_RES // 8, generator=g)
+        if steps == 1:
+            ctx = clip(tok.encode([""] * len(p) + p)).last_hidden_state
+            eps_u, eps_c = unet(torch.cat([noise, noise]), torch.full((2 * len(p),), 999), ctx).chunk(2)
+            a = sample.sd15_alphas_cumprod()[999]
+            x = (noise - (1 - a).sqrt() * (eps_u + cfg * (eps_c - eps_u))) / a.sqrt()
+        else:
+            x = _ddim_batch(unet, clip, tok, p, noise, steps, cfg)
+        out.append(vae.decode(x).clamp(-1, 1))
+    return torch.cat(out)
+
+
+def _ddim_batch(unet, clip, tok, prompts, noise, steps, cfg):
+    """sample.sample_sd15's DDIM for a batch of different prompts (it takes one prompt for the whole batch)."""
+    import sample
+    context = clip(tok.encode([""] * len(prompts) + list(prompts))).last_hidden_state
+    timesteps, alphas, alphas_prev = sample.ddim_schedule(steps)
+    x = noise.float()
+    for i in range(steps):
+        eps_u, eps_c = unet(torch.cat([x, x]), timesteps[i].expand(2 * len(prompts)), context).float().chunk(2)
+        x = sample.ddim_step(x, eps_u + cfg * (eps_c - eps_u), alphas[i], alphas_prev[i])
+    return x
+
+
+def evaluate(which=("teacher", "student"), n: int = EVAL_N) -> dict:
+    """The judge on n fixed prompts (random templates and synonyms), one fixed noise per prompt; merged into
+    scores.json. Also the renders themselves and their VAE round trips (the ceiling each latent space allows)."""
+    judge, prompts = toy.load_judge(), eval_prompts(n)
+    res = {"n": n, "prompt_seed": EVAL_SEED}
+    real = {r: toy.render(toy.sample_scenes(n, EVAL_SEED), r) for r in (STUDENT_RES, TEACHER_RES)}
+    t0 = time.time()
+    if "teacher" in which:
+        res["teacher_euler28_cfg5"] = judge.score(prompts, teacher_images(prompts))
+        log(f"teacher: {res['teacher_euler28_cfg5']} ({time.time() - t0:.0f}s)")
+        with torch.no_grad():
+            vae = V.load_vae(TEACHER, family="sd3")
+            res["teacher_vae_round_trip"] = judge.score(prompts, vae.decode(vae.encode(real[TEACHER_RES])).clamp(-1, 1))
+    if "student" in which:
+        parts = load_toy_student()
+        res["student_ddim25_cfg7.5"] = judge.score(prompts, student_images(prompts, parts=parts))
+        res["student_1step_cfg7.5"] = judge.score(prompts, student_images(prompts, steps=1, parts=parts))
+        log(f"student: 25 {res['student_ddim25_cfg7.5']}  1 {res['student_1step_cfg7.5']} ({time.time() - t0:.0f}s)")
+        with torch.no_grad():
+            vae = parts[3]
+            res["student_vae_round_trip"] = judge.score(prompts, vae.decode(vae.encode(real[STUDENT_RES])).clamp(-1, 1))
+    res["renders_64px"] = judge.score(prompts, real[STUDENT_RES])
+    return res
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description="Train the toy teacher and student (CPU, ~35-40 min) and score them.")
+    p.add_argument("--what", default="tokenizer,vae_s,vae_t,teacher,student,dec_s,dec_t,eval",
+                   help="comma-separated parts: tokenizer, vae_s, vae_t, dec_s, dec_t, teacher, student, eval "
+                   "(or eval_teacher, eval_student)")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply every part's steps (quick trials)")
+    p.add_argument("--more", action="store_true", help="VAEs: continue from the saved weights")
+    p.add_argument("--minutes", type=float, help="teacher / student: override the planned minutes")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared machine)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    what = args.what.split(",")
+    for plan in PLAN.values():
+        plan["steps"] = max(1, int(plan["steps"] * args.scale))
+        if args.minutes and "minutes" in plan:
+            plan.update(minutes=args.minutes, steps=10**6)  # the clock decides
+    if args.more:
+        PLAN["teacher"]["lr"] /= 2  # a warm restart: half the peak learning rate
+    info_path, info = ROOT / "train_info.json", {}
+    t0 = time.time()
+    if "tokenizer" in what:
+        for folder in (STUDENT.parent, TEXT_ENCODERS):
+            build_tokenizer(folder / "tokenizer.json")
+    for part in ("vae_s", "vae_t"):
+        if part in what:
+            info[part + "_more" * args.more] = run_vae(part, args.more)
+    for part in ("dec_s", "dec_t"):
+        if part in what:
+            info[part] = finetune_decoder(part, PLAN[part])
+    if "teacher" in what:
+        info["teacher" + "_more" * args.more] = train_teacher(PLAN["teacher"], more=args.more)
+    if "student" in what:
+        info["student" + "_more" * args.more] = train_student(PLAN["student"], more=args.more)
+    info["configs"] = {k: str(v) for k, v in dict(vae_s=VAE_S, vae_t=VAE_T, teacher=TEACHER_CFG, student=STUDENT_CFG,
+                                                   student_clip=STUDENT_CLIP, teacher_t5=TEACHER_T5).items()}
+    if any(w in what for w in ("vae_s", "vae_t", "dec_s", "dec_t", "teacher", "student")):  # parallel parts: merge late
+        info = {**(json.loads(info_path.read_text()) if info_path.exists() else {}), **info}
+        info_path.write_text(json.dumps(info, indent=1) + "\n")
+    which = [w for w in ("teacher", "student") if "eval" in what or f"eval_{w}" in what]
+    if which:
+        new = evaluate(which)  # then merge: parts may be evaluated in parallel
+        scores = {**(json.loads(SCORES.read_text()) if SCORES.exists() else {}), **new}
+        SCORES.write_text(json.dumps(scores, indent=1) + "\n")
+        print(json.dumps(scores, indent=1))
+    log(f"total {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
