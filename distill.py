@@ -229,6 +229,8 @@ elif args.preset == "toy":  # toy_train.py's models; each tokenizer.json beside 
                                   str(TOY / "teacher" / "toy_sd35.safetensors"))
     args.text_encoders = args.text_encoders or str(TOY / "teacher" / "text_encoders")
     args.prompts = args.prompts or str(out / "prompts.txt")
+    if not Path(args.student).is_file():
+        raise UsageError(f"--preset toy: no toy models in {TOY}; train them first with `python toy_train.py`")
 args.text_cache = args.text_cache or str(out / "text_cache.safetensors")
 RUNTIME = {"steps", "out", "resume", "device", "compile", "grad_ckpt", "fsdp", "sample_every", "ckpt_every",
            "text_cache", "text_encoders", "t5_tokenizer", "bridge", "eval"}
