@@ -115,17 +115,33 @@ class NaiveBridge(nn.Module):
         return self.proj(z.to(self.proj.weight.dtype))
 
 
+class ExactPath(nn.Module):
+    """The exact cross-space map as a differentiable module: student decode -> resize -> teacher encode (posterior
+    mean). Both VAEs are held outside the module tree (as in Bridge) and used as given (distill.py loads them frozen;
+    gradients still reach z_s). What the Bridge approximates: the
+    reference it is trained against (through `bridge_target`), and the `--bridge-kind exact` ablation of distill.py,
+    which back-propagates through a full-resolution decode AND encode every step."""
+
+    def __init__(self, student_vae, teacher_vae, teacher_hw):
+        super().__init__()
+        self._vaes = (student_vae, teacher_vae)
+        self.teacher_hw = tuple(teacher_hw)
+
+    def forward(self, z_s):
+        svae, tvae = self._vaes
+        img = svae.decode(z_s.to(svae.decoder.conv_in.weight.dtype)).clamp(-1, 1)  # (B, 3, 8h, 8w)
+        f = 2 ** (len(tvae.cfg.ch_mult) - 1)
+        size = (f * self.teacher_hw[0], f * self.teacher_hw[1])  # the teacher's pixel size
+        if tuple(img.shape[-2:]) != size:  # antialias only when shrinking (bilinear upsampling needs none)
+            img = F.interpolate(img, size=size, mode="bilinear", align_corners=False, antialias=size[0] < img.shape[-2])
+        return tvae.encode(img.to(tvae.encoder.conv_in.weight.dtype))  # (B, 16, H, W), scaled & shifted
+
+
 @torch.no_grad()
 def bridge_target(student_vae, teacher_vae, z_s, teacher_hw):
-    """z_t_star: the exact cross-space map, the teacher latent of the image the student latent decodes to.
-    teacher_hw is the teacher LATENT size; the image is resized to its pixel size (8x for these VAEs).
-    Costs a full student decode and teacher encode at full resolution (the Bridge avoids both)."""
-    img = student_vae.decode(z_s.to(student_vae.decoder.conv_in.weight.dtype)).clamp(-1, 1)  # (B, 3, 8h, 8w)
-    f = 2 ** (len(teacher_vae.cfg.ch_mult) - 1)
-    size = (f * teacher_hw[0], f * teacher_hw[1])
-    if tuple(img.shape[-2:]) != size:  # antialias only when shrinking (bilinear upsampling needs none)
-        img = F.interpolate(img, size=size, mode="bilinear", align_corners=False, antialias=size[0] < img.shape[-2])
-    return teacher_vae.encode(img.to(teacher_vae.encoder.conv_in.weight.dtype))  # posterior mean, scaled & shifted
+    """z_t_star: the teacher latent of the image the student latent decodes to (teacher_hw: the teacher LATENT
+    size). Costs a full student decode and teacher encode at full resolution (the Bridge avoids both)."""
+    return ExactPath(student_vae, teacher_vae, teacher_hw)(z_s)
 
 
 # ----------------------------------------------------------------------------- Bridge losses

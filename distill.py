@@ -1,9 +1,9 @@
 """Cross-Space Distillation: train the Bridge (stage 1), then distill a flow-matching teacher into a one-step SD 1.5
 student with DMD2 in the TEACHER's latent space (stage 2). One flat script, nanoGPT style.
 
-    python distill.py --preset toy    # the committed toy models (assets/toy), CPU, < 10 minutes, judged before and
-    python sample.py --prompt "a red circle on a blue background"   # after; one step from out/toy/student.*
-    python distill.py                 # --preset tiny: random tiny models (the tests'), CPU, a minute: out/tiny/
+    python distill.py                 # = --preset toy: the committed toy models (assets/toy), CPU, < 10 minutes,
+    python sample.py --prompt "a red circle on a blue background"   # judged before and after; one step, out/toy/
+    python distill.py --preset tiny   # random tiny models (the tests'), CPU, a minute: out/tiny/
 
 SD 1.5 + SD3.5-Medium (8 GPUs; the text cache is built here from --text-encoders if missing, then T5 is freed):
     torchrun --nproc_per_node 8 distill.py --student v1-5-pruned-emaonly.safetensors \
@@ -64,9 +64,8 @@ from tokenizer import find_clip_tokenizer
 from weights import Checkpoint, CheckpointError, find_component, load_state, save_atomic
 
 TOY = Path(__file__).resolve().parent / "assets" / "toy"  # the committed toy models (toy_train.py, toy.py)
-# `python distill.py` without models runs DEFAULT_PRESET. "toy" once a toy run clearly beats the base one-step student
-# on the judge; with the toy models of this commit it does not yet (their teacher fails the judge too): "tiny".
-DEFAULT_PRESET = "tiny"
+# `python distill.py` without models runs DEFAULT_PRESET: the toy world (the README's table; "tiny" for the tests).
+DEFAULT_PRESET = "toy"
 
 
 class UsageError(ValueError):
@@ -107,6 +106,10 @@ g.add_argument("--no-t5", action="store_true", help="SD3: zeros instead of T5 (a
 g.add_argument("--negative-prompt", default="", help="the unconditional prompt (CFG)")
 g = p.add_argument_group("stage 1: the Bridge")
 g.add_argument("--bridge", help="a trained projector (OUT/bridge.safetensors of an earlier run): skip stage 1")
+g.add_argument("--bridge-kind", choices=["bridge", "naive", "exact", "identity"], default="bridge",
+               help="the map into teacher space in stage 2 (ablations): bridge (the method), naive (resize + 1x1, "
+               "trained in stage 1 beside it), exact (differentiable decode-resize-encode, no stage 1), identity "
+               "(a teacher in the student's own latent space, no stage 1)")
 g.add_argument("--images", help="folder of images -> student latents (default: the student's own samples)")
 g.add_argument("--latents", type=int, help="student latents, train + held-out")
 g.add_argument("--held-out", type=int, help="latents kept out of training for the report")
@@ -130,6 +133,11 @@ g.add_argument("--lr", type=float, help="student")
 g.add_argument("--fake-lr", type=float, help="fake score (LoRA)")
 g.add_argument("--fake-steps-per-gen", type=int, help="fake-score updates per student update (DMD2: 5)")
 g.add_argument("--lora-rank", type=int)
+# The generator's input is always pure noise; the timestep it is told is its conditioning (DMD2: 999 for SD 1.5).
+# x0 = (noise - sqrt(1 - a_t) eps) / sqrt(a_t) multiplies the eps error by 1 / sqrt(a_t): 14.6 at 999, 5.0 at 800.
+# A small, briefly trained student (the toy's) is too rough at 999 for that gain (its one-step x0 has 2.5x the data's
+# std, and 500 DMD steps don't repair it), so the toy preset tells it 800.
+g.add_argument("--gen-timestep", type=int, help="the one-step generator's timestep (999; toy: 800)")
 # 4.5: SD3.5-Medium's recommended sampling guidance (model card); below SD3's 7.0 because DMD's reverse KL is already
 # mode-seeking and a high real-score CFG over-saturates one-step samples (DMD2 notes the same trade-off).
 g.add_argument("--cfg", type=float, help="SD3: CFG of the real score (uncond = the cached negative; 4.5)")
@@ -154,7 +162,7 @@ g.add_argument("--sample-every", type=int)
 g.add_argument("--ckpt-every", type=int)
 g.add_argument("--eval", type=int, help="toy preset: judge the one-step student on N fixed prompts before and after")
 args = p.parse_args()
-if args.preset and (args.student or args.teacher):
+if args.preset and (args.student or (args.teacher and args.preset != "toy")):
     raise UsageError(f"--preset {args.preset} brings its own models: drop --student / --teacher")
 if not args.preset and bool(args.student) != bool(args.teacher):
     raise UsageError("give both --student and --teacher (or neither, for a preset)")
@@ -162,7 +170,7 @@ args.preset = args.preset or (None if args.student else DEFAULT_PRESET)
 DEFAULTS = {"real": dict(  # None above means "from here"
     student_res=512, teacher_res=1024, latents=512, held_out=64, bridge_steps=2000, bridge_batch=2, bridge_width=128,
     bridge_depth=2, steps=20000, batch_size=2, lr=1e-5, fake_lr=1e-4, lora_rank=64, fake_steps_per_gen=5, cfg=4.5,
-    sigma_range=[0.02, 0.98], ema=0.999, sample_every=500, ckpt_every=500, t5_length=None, eval=0)}
+    sigma_range=[0.02, 0.98], ema=0.999, sample_every=500, ckpt_every=500, t5_length=None, eval=0, gen_timestep=999)}
 DEFAULTS["tiny"] = DEFAULTS["real"] | dict(
     student_res=64, teacher_res=128, latents=32, held_out=8, bridge_steps=150, bridge_batch=4, bridge_width=32,
     bridge_depth=1, steps=60, batch_size=2, lr=1e-4, fake_lr=1e-3, lora_rank=4, sample_every=20, ckpt_every=20,
@@ -170,7 +178,7 @@ DEFAULTS["tiny"] = DEFAULTS["real"] | dict(
 DEFAULTS["toy"] = DEFAULTS["tiny"] | dict(  # tuned for < 10 minutes on 2 CPU cores (see the README)
     latents=96, held_out=16, bridge_steps=150, bridge_batch=8, bridge_width=64, bridge_depth=2, steps=500,
     batch_size=8, lr=2e-4, fake_lr=1e-3, lora_rank=8, fake_steps_per_gen=2, cfg=4.5, ema=0.99, sample_every=100,
-    ckpt_every=100, t5_length=None, eval=200)
+    ckpt_every=100, t5_length=None, eval=200, gen_timestep=800)
 for k, v in DEFAULTS[args.preset or "real"].items():
     setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
 if args.eval and args.preset != "toy":
@@ -225,8 +233,9 @@ if args.preset == "tiny":  # the preset's model files, written below; loaded as 
     args.text_encoders, args.no_t5 = args.text_encoders or str(out / "tiny"), True
     args.prompts = args.prompts or str(out / "tiny" / "prompts.txt")
 elif args.preset == "toy":  # toy_train.py's models; each tokenizer.json beside them is found by find_clip_tokenizer
-    args.student, args.teacher = (str(TOY / "student" / "toy_sd15.safetensors"),
-                                  str(TOY / "teacher" / "toy_sd35.safetensors"))
+    # --teacher may replace the toy teacher (the same-space reference of the README table) if it shares its text
+    args.student = str(TOY / "student" / "toy_sd15.safetensors")  # encoders
+    args.teacher = args.teacher or str(TOY / "teacher" / "toy_sd35.safetensors")
     args.text_encoders = args.text_encoders or str(TOY / "teacher" / "text_encoders")
     args.prompts = args.prompts or str(out / "prompts.txt")
     if not Path(args.student).is_file():
@@ -282,7 +291,8 @@ family = "flux" if isinstance(teacher.cfg, TM.FluxConfig) else "sd3"
 tvae_path = args.teacher_vae or (args.teacher if (Path(args.teacher) / "vae").is_dir() or (
     Path(args.teacher).is_file() and "first_stage_model.decoder.conv_in.weight" in Checkpoint(args.teacher))
     else Path(args.teacher).parent / "ae.safetensors")
-tvae = V.load_vae(tvae_path, family=family, dtype=dt, device=device)
+# --bridge-kind identity: a teacher in the student's own latent space, so its VAE is the student's
+tvae = svae if args.bridge_kind == "identity" else V.load_vae(tvae_path, family=family, dtype=dt, device=device)
 if not Path(args.text_cache).is_file():
     if not (args.text_encoders and prompts):
         raise UsageError(f"--text-cache {args.text_cache}: no such file; build it with conditioning.py, or pass "
@@ -308,13 +318,24 @@ try:
 except ValueError as e:
     raise UsageError(f"--student-res / --teacher-res: {e}") from None
 exact = lambda z: BR.bridge_target(svae, tvae, z, (ht, ht))  # z_T*: student decode, resize, teacher encode
+if args.bridge_kind == "identity" and (scale, getattr(teacher.cfg, "in_channels", 0)) != (1, 4):
+    raise UsageError(f"--bridge-kind identity needs a teacher in the student's latent space (4 channels, --teacher-res "
+                     f"= --student-res); {args.teacher} takes {teacher.cfg.in_channels} channels, scale {scale}")
+if args.bridge_lr > 0 and args.bridge_kind in ("exact", "identity"):
+    raise UsageError(f"--bridge-lr: --bridge-kind {args.bridge_kind} has nothing to fine-tune")
 # The teacher's time shift: SD3 3.0 (scheduler config); FLUX exp(mu), mu linear in the packed token count L
 # (0.5 at 256, 1.15 at 4096: FluxPipeline calculate_shift).
 shift = args.shift or (3.0 if family == "sd3" else math.exp(0.5 + 0.65 * ((args.teacher_res // 16) ** 2 - 256) / 3840))
 torch.manual_seed(args.seed)  # LoRA init: the same whether or not this run has just built the tiny models
 TM.add_lora(teacher, args.lora_rank)
 torch.manual_seed(args.seed)
-bridge = BR.Bridge(svae, 16, scale, args.bridge_width, args.bridge_depth).to(device)
+ct = tvae.cfg.latent_channels  # teacher latent channels: 16 (4 for a same-space teacher)
+bridge = BR.Bridge(svae, ct, scale, args.bridge_width, args.bridge_depth).to(device)
+naive = BR.NaiveBridge(4, ct, scale).to(device)  # stage 1's baseline (trained beside it: same data, reconstruction)
+# The map into teacher space in stage 2: the Bridge, or an ablation (see --bridge-kind). Its parameters (if any) are
+# the checkpoint's "projector".
+to_teacher = {"bridge": bridge, "naive": naive, "exact": BR.ExactPath(svae, tvae, (ht, ht)),
+              "identity": torch.nn.Identity()}[args.bridge_kind]
 if args.grad_ckpt:
     model.gradient_checkpointing = teacher.gradient_checkpointing = svae.decoder.gradient_checkpointing = True
 ema = copy.deepcopy(model).requires_grad_(False) if args.ema > 0 else None
@@ -323,7 +344,7 @@ ema = copy.deepcopy(model).requires_grad_(False) if args.ema > 0 else None
 @torch.no_grad()
 def one_step_images(m, noise, ctx):  # a one-step student's samples, decoded by the student VAE
     with amp():
-        return svae.decode(one_step_x0(m, noise, 999, ctx).to(dt)).float()
+        return svae.decode(one_step_x0(m, noise, args.gen_timestep, ctx).to(dt)).float()
 
 
 if args.eval:  # the toy world's judge (its HPS) on fixed prompts and seeds: the one-step student before and after
@@ -340,13 +361,13 @@ if args.eval:  # the toy world's judge (its HPS) on fixed prompts and seeds: the
 state = TS.read_state(ckpt_path) if args.resume else None
 if args.resume:  # weights now (LoRA before sharding); optimizer and RNG states once those exist
     model.load_state_dict(state.part("student."))
-    bridge.load_state_dict(state.part("projector."))
+    to_teacher.load_state_dict(state.part("projector."))
     ema.load_state_dict(state.part("ema.")) if ema is not None else None
     missing = teacher.load_state_dict(state.part("lora."), strict=False).missing_keys
     if any(".lora_" in k for k in missing):
         raise UsageError(f"--resume: {ckpt_path} lacks LoRA weights {missing[:2]}")
 elif args.bridge:
-    load_state(bridge, Checkpoint(args.bridge).tensors(device=device), args.bridge)  # one-line errors
+    load_state(to_teacher, Checkpoint(args.bridge).tensors(device=device), args.bridge)  # one-line errors
 if args.fsdp:  # shard every block, then the root (moving each to the device): each rank holds 1/world of it
     from torch.distributed.fsdp import fully_shard
     for blocks in ("joint_blocks", "double_blocks", "single_blocks"):
@@ -379,7 +400,7 @@ def log(record):
 
 
 # ----------------------------------------------------------------------------- stage 1: the Bridge
-if not args.resume and not args.bridge:
+if not args.resume and not args.bridge and args.bridge_kind in ("bridge", "naive"):
     tfile = out / "bridge_targets.safetensors"
     key = json.dumps([args.student, args.teacher, args.images, args.latents, args.student_res, args.teacher_res,
                       args.sample_steps, args.sample_cfg, args.seed, cache.prompts])
@@ -415,7 +436,6 @@ if not args.resume and not args.bridge:
     data = load_file(str(tfile))
     z_s, z_t, pidx = data["z_s"], data["z_t"], data["prompt_idx"]
     n_train = len(z_s) - args.held_out
-    naive = BR.NaiveBridge(4, 16, scale).to(device)
     opt_b = torch.optim.AdamW(list(bridge.parameters()) + list(naive.parameters()), lr=args.bridge_train_lr)
     gen = torch.Generator().manual_seed(args.seed + 2)
     blocks = BR.resolve_blocks(tuple(args.attn_blocks), teacher.cfg.depth)
@@ -423,7 +443,7 @@ if not args.resume and not args.bridge:
     for it in (bar := tqdm(range(args.bridge_steps), desc="stage 1: bridge", disable=not master)):
         i = torch.randint(n_train, (G,), generator=gen)
         sigma = mine(BR.sample_sigmas(G, *args.attn_sigma, shift, generator=gen))
-        noise = mine(torch.randn((G, 16, ht, ht), generator=gen))
+        noise = mine(torch.randn((G, ct, ht, ht), generator=gen))
         zs, zt, i = mine(z_s[i]), mine(z_t[i]), mine(i).cpu()
         with amp(), TM.lora_enabled(teacher, False):
             zh = bridge(zs)
@@ -461,7 +481,8 @@ if not args.resume and not args.bridge:
               f"ms/sample vs exact decode-resize-encode {cost['exact']:.2f} ms/sample "
               f"({cost['exact'] / cost['bridge']:.1f}x faster)")
         save_atomic(bridge.state_dict(), out / "bridge.safetensors", {"report": json.dumps(report)})
-    del z_s, z_t, naive, opt_b
+        save_atomic(naive.state_dict(), out / "naive.safetensors", {"report": json.dumps(report)})
+    del z_s, z_t, opt_b
 
 # ----------------------------------------------------------------------------- stage 2: setup
 raw_teacher = teacher
@@ -473,16 +494,16 @@ if ddp:
     from torch.nn.parallel import DistributedDataParallel as DDP
     model_c = DDP(model_c, device_ids=[device.index] if cuda else None)
     teacher = teacher if args.fsdp else DDP(teacher, device_ids=[device.index] if cuda else None)
-bridge.requires_grad_(args.bridge_lr > 0)
+to_teacher.requires_grad_(args.bridge_lr > 0)
 optimizers = {"student": torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay),
               "lora": torch.optim.AdamW([q for _, q in lora], lr=args.fake_lr, weight_decay=args.weight_decay)}
 if args.bridge_lr > 0:
-    optimizers["projector"] = torch.optim.AdamW(bridge.parameters(), lr=args.bridge_lr, weight_decay=0.0)
+    optimizers["projector"] = torch.optim.AdamW(to_teacher.parameters(), lr=args.bridge_lr, weight_decay=0.0)
 gen = torch.Generator().manual_seed(args.seed + 3)  # every random draw of the loop: saved in the checkpoint
 
 
 def save_checkpoint(step):  # a collective under FSDP (LoRA and optimizer states are gathered): every rank calls it
-    parts = {"student": model.state_dict(), "projector": bridge.state_dict(), "lora": dict(lora)}
+    parts = {"student": model.state_dict(), "projector": to_teacher.state_dict(), "lora": dict(lora)}
     TS.save_state(ckpt_path, step, config, parts | ({"ema": ema.state_dict()} if ema is not None else {}), optimizers,
                   {"data": gen}, write=master, metadata={"student": args.student})
 
@@ -534,12 +555,12 @@ for step in (bar := tqdm(range(start, args.steps), desc="stage 2: distill", disa
     idx = mine(idx).cpu()
     t_ctx, t_pooled = ctx_of(idx)
     with torch.set_grad_enabled(gen_step), amp():
-        z_s = one_step_x0(model_c, noise, 999, cache.student_context[idx].to(device))  # the generator, fp32
-        z_t = bridge(z_s)  # into teacher space: frozen decoder + projector; gradients flow back to the student
+        z_s = one_step_x0(model_c, noise, args.gen_timestep, cache.student_context[idx].to(device))  # fp32
+        z_t = to_teacher(z_s)  # into teacher space (Bridge: frozen decoder + projector); grads flow back to z_s
     rec = {"step": step + 1, "stage": "distill"}
     if gen_step:
         sigma = mine(BR.sample_sigmas(G, lo, hi, shift, generator=gen))
-        x = BR.add_noise(z_t.detach(), mine(torch.randn((G, 16, ht, ht), generator=gen)), sigma)
+        x = BR.add_noise(z_t.detach(), mine(torch.randn((G, ct, ht, ht), generator=gen)), sigma)
         with torch.no_grad(), amp():
             with TM.lora_enabled(raw_teacher, False):  # real score: the frozen teacher
                 if family == "sd3" and args.cfg > 1:
@@ -553,10 +574,10 @@ for step in (bar := tqdm(range(start, args.steps), desc="stage 2: distill", disa
         loss_b = torch.zeros((), device=device)
         if args.bridge_lr > 0:  # keep the fine-tuned projector faithful: its reconstruction on these samples
             with amp():
-                loss_b = BR.reconstruction_loss(bridge(z_s.detach()), exact(z_s.detach()))
+                loss_b = BR.reconstruction_loss(to_teacher(z_s.detach()), exact(z_s.detach()))
         rec |= check_finite(step, loss_gen=loss_g, **({"loss_rec": loss_b} if args.bridge_lr > 0 else {}))
         (loss_g + args.rec_weight * loss_b).backward()
-        all_reduce_grads(bridge.parameters()) if args.bridge_lr > 0 else None
+        all_reduce_grads(to_teacher.parameters()) if args.bridge_lr > 0 else None
         rec["grad_norm_gen"] = TS.full(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)).item()
         for name in ("student", "projector"):
             if name in optimizers:
@@ -567,7 +588,7 @@ for step in (bar := tqdm(range(start, args.steps), desc="stage 2: distill", disa
     # fake score: flow matching on the detached samples (LoRA on)
     x0 = z_t.detach().float()
     sigma = mine(BR.sample_sigmas(G, lo, hi, shift, generator=gen))
-    n = mine(torch.randn((G, 16, ht, ht), generator=gen))
+    n = mine(torch.randn((G, ct, ht, ht), generator=gen))
     with amp():
         loss_f = BR.flow_matching_loss(teacher(BR.add_noise(x0, n, sigma), sigma, t_ctx, t_pooled, guid(B)), x0, n)
     rec |= check_finite(step, loss_fake=loss_f)
@@ -584,7 +605,7 @@ for step in (bar := tqdm(range(start, args.steps), desc="stage 2: distill", disa
 
 # ----------------------------------------------------------------------------- export
 if master:
-    meta = {"distilled": "1", "steps": "1", "timestep": "999", "resolution": str(args.student_res),
+    meta = {"distilled": "1", "steps": "1", "timestep": str(args.gen_timestep), "resolution": str(args.student_res),
             "teacher": args.teacher, "step": str(args.steps)}
     svae_fp32 = V.load_vae(args.student, family="sd15")  # the student's own VAE and CLIP-L, as released (fp32)
     clip = TE.load_clip(find_component(args.student, "text_encoder"))
@@ -593,8 +614,9 @@ if master:
         export_sd15_single_file(ema, svae_fp32, clip, out / "student_ema.safetensors", meta | {"ema": str(args.ema)})
     if (tok := Path(args.student).parent / "tokenizer.json").is_file():  # a vocabulary of its own (the toy's)
         shutil.copyfile(tok, out / "tokenizer.json")
-    if args.bridge_lr > 0 or not (out / "bridge.safetensors").exists():  # fine-tuned, or stage 1 was skipped
-        save_atomic(bridge.state_dict(), out / "bridge.safetensors")
+    name = {"bridge": "bridge", "naive": "naive"}.get(args.bridge_kind)  # exact / identity: nothing learned
+    if name and (args.bridge_lr > 0 or not (out / f"{name}.safetensors").exists()):  # fine-tuned, or no stage 1
+        save_atomic(to_teacher.state_dict(), out / f"{name}.safetensors")
     print(f"stage 2: {args.steps - start} steps in {time.time() - t0:.1f}s; run {time.time() - t_start:.1f}s; "
           f"wrote {out}/: student.safetensors{', student_ema.safetensors' if ema is not None else ''}, "
           "bridge.safetensors, log.jsonl, grid_*.png, checkpoint.safetensors")
@@ -603,7 +625,8 @@ if master:
         log({"stage": "judge", **scores})
         ref = json.loads((TOY / "scores.json").read_text()) if (TOY / "scores.json").is_file() else {}
         scores |= {"teacher (28 steps)": ref["teacher_euler28_cfg5"]} if "teacher_euler28_cfg5" in ref else {}
-        print(f"judge, one step from t = 999 on {args.eval} fixed prompts and seeds (all_correct = the toy HPS):")
+        print(f"judge, one step (t = {args.gen_timestep}) on {args.eval} fixed prompts and seeds (all_correct = the "
+              "toy HPS):")
         for name, r in scores.items():
             print(f"  {name:18s} all_correct {r['all_correct']:.3f} | " + " ".join(
                 f"{k} {r[k]:.2f}" for k in toy.ATTRIBUTES) + f" | fd {r['fd']:.2f}")

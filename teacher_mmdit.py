@@ -216,9 +216,14 @@ class Teacher(nn.Module):
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
+    @property
+    def latent_channels(self) -> int:  # 16 for every real teacher; FLUX's in_channels count the 2x2 packing
+        return self.cfg.in_channels // (4 if isinstance(self.cfg, FluxConfig) else 1)
+
     def check(self, x, sigma, guidance, attn_blocks, n_blocks):
-        if x.ndim != 4 or x.shape[1] != 16 or x.shape[2] % 2 or x.shape[3] % 2:
-            raise ValueError(f"{self.variant}: latent must be (B, 16, H, W) with even H, W; got {tuple(x.shape)}")
+        c = self.latent_channels
+        if x.ndim != 4 or x.shape[1] != c or x.shape[2] % 2 or x.shape[3] % 2:
+            raise ValueError(f"{self.variant}: latent must be (B, {c}, H, W) with even H, W; got {tuple(x.shape)}")
         if guidance is None and self.takes_guidance:
             raise ValueError(f"{self.variant} embeds the guidance scale: pass guidance=(B,) (e.g. 3.5)")
         if guidance is not None and not self.takes_guidance:
@@ -341,7 +346,7 @@ class MMDiT(Teacher):
         self.y_embedder = Embedder(cfg.pooled_dim, C)
         self.context_embedder = nn.Linear(cfg.context_dim, C)
         self.joint_blocks = nn.ModuleList(JointBlock(cfg, i) for i in range(cfg.depth))
-        self.final_layer = FinalLayer(C, cfg.patch_size ** 2 * 16)
+        self.final_layer = FinalLayer(C, cfg.patch_size ** 2 * cfg.in_channels)
 
     def cropped_pos_embed(self, gh, gw):
         S = self.cfg.pos_embed_max_size
@@ -364,7 +369,8 @@ class MMDiT(Teacher):
             if amap is not None:
                 maps[i] = amap
         out = self.final_layer(img, vec)  # (B, h*w, p*p*16) ordered (p, q, c)
-        v = out.view(B, H // p, W // p, p, p, 16).permute(0, 5, 1, 3, 2, 4).reshape(B, 16, H, W)
+        c = self.cfg.in_channels
+        v = out.view(B, H // p, W // p, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(B, c, H, W)
         return self.output(v, maps, attn_blocks)
 
 

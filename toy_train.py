@@ -5,9 +5,10 @@ The paper's setting in miniature (see toy.py for the world and its judge):
            conditioned on CLIP-L + CLIP-G penultimate states + T5, flow matching, Euler + CFG.
   student  SD 1.5-structured UNet in a 4-channel latent space at 64 px (4x8x8 latents), eps prediction on SD 1.5's
            DDPM schedule, DDIM + CFG: smaller and trained for less time, as SD 1.5 is weaker than SD 3.5.
-Each has its own KL autoencoder (vae.py, tiny presets with one ResNet block per level, 64 channels), trained on
-32 px crops of toy renders (L1 + L2 reconstruction and a small KL, no GAN), then its decoder alone on whole images
-(GroupNorm statistics differ between crops and whole images; the frozen encoder keeps the latents unchanged).
+Each has its own KL autoencoder (vae.py, tiny presets with one ResNet block per level), trained on crops around the
+shape (32 px of the 64 px renders, 64 px of the 128 px ones; the shape's pixels weigh 5-10x: L1 + L2 reconstruction
+and a small KL, no GAN), then its decoder alone on whole images (GroupNorm statistics differ between crops and whole
+images; the frozen encoder keeps the latents unchanged).
 The latent scale is BAKED INTO THE WEIGHTS (at 70% of the VAE steps): the encoder's last 1x1 / 3x3 conv and the
 decoder's first conv are re-parameterised so that the raw latents z satisfy (z - shift) * scale ~ N(0, 1) per
 channel with the family's own constants (SD 1.5 0.18215; SD3 1.5305, 0.0609), which `load_vae(family=...)` applies.
@@ -21,21 +22,27 @@ Output, in the real layouts (fp16 storage):
   assets/toy/teacher/toy_sd35.safetensors   model.diffusion_model.* + first_stage_model.*
   assets/toy/teacher/text_encoders/         clip_l.safetensors, clip_g.safetensors, t5xxl_fp16.safetensors,
                                             tokenizer.json (CLIP and T5 specials; fixes the T5 length to 32)
+  assets/toy/same_space/                    toy_sd35_4ch.safetensors (the teacher's structure in the student's
+                                            latent space, no VAE: it is the student's) + text_encoders/ of its own
   assets/toy/scores.json                    the judge's verdict on 200 prompts
 
 Teacher training time: SD3's logit-normal(0, 1) sigma (Esser et al. 2024, sec. 3.1), then shifted by 3.0
 (sigma' = 3 sigma / (1 + 2 sigma)), the shift sample.py's SD3 sampler uses, so training puts its weight where the
 sampler spends its steps. CFG dropout: 10% empty prompts for both models.
 
-    python toy_train.py                          # everything (~35-40 min on 2 CPU cores)
-    python toy_train.py --what vae_s,student     # parts: tokenizer, vae_s, vae_t, dec_s, dec_t, teacher, student, eval
-    python toy_train.py --what vae_s --more      # more VAE steps from the saved weights
+    python toy_train.py                          # everything (~50 min on 2 CPU cores: two chains in parallel)
+    python toy_train.py --what vae_s,student     # parts: tokenizer, vae_s, vae_t, dec_s, dec_t, teacher, student,
+                                                 # teacher_ss, eval
+    python toy_train.py --what vae_t --more      # more VAE steps from the saved weights
 The teacher and student stop at their step count or their minutes, whichever comes first (the cosine learning rate
 follows that progress), so a slow shared machine still ends on time with an annealed model.
 """
 import argparse
 import json
 import math
+import shutil
+import subprocess
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -61,6 +68,8 @@ ROOT = Path(__file__).resolve().parent / "assets" / "toy"
 STUDENT = ROOT / "student" / "toy_sd15.safetensors"
 TEACHER = ROOT / "teacher" / "toy_sd35.safetensors"
 TEXT_ENCODERS = ROOT / "teacher" / "text_encoders"
+SAME_SPACE = ROOT / "same_space" / "toy_sd35_4ch.safetensors"  # the README table's same-space reference teacher
+SAME_SPACE_TEXT = ROOT / "same_space" / "text_encoders"
 SCORES = ROOT / "scores.json"
 SPECIALS = ("<pad>", "</s>", "<unk>", BOS, EOS)  # <pad> = id 0 (T5's pad, and CLIP-G's pad id 0)
 T5_LENGTH = 32  # every toy caption fits (<= 20 words); stored as the tokenizer.json's fixed padding length
@@ -70,7 +79,9 @@ T5_LENGTH = 32  # every toy caption fits (<= 20 words); stored as the tokenizer.
 # as the tiny preset: single files fix 32 GroupNorm groups, and 32 channels in 32 groups is an instance norm right
 # before the output conv, which erases the absolute colour of flat regions (this world is flat colours); with two
 # channels per group the decoder can keep it, and learns several times faster.
-VAE_S = replace(V.PRESETS["tiny_sd15"], ch_mult=(2, 2, 2, 2), num_res_blocks=1)
+# The student VAE (4 latent channels) is wider at 16x16 and 8x8 (128 channels: 4 per GroupNorm group): with 2 per group
+# its encoder's last norm nearly erased the flat background's colour (blue decoded as dark green).
+VAE_S = replace(V.PRESETS["tiny_sd15"], ch_mult=(2, 2, 4, 4), num_res_blocks=1)
 VAE_T = replace(V.PRESETS["tiny_sd3"], ch_mult=(2, 2, 2, 2), num_res_blocks=1)  # same, 16 latent channels
 VOCAB_SIZE = len(SPECIALS) + len(toy.VOCAB)
 # Head size 64 and quick GELU: what load_clip infers from a single file of width 64 (heads = width // 64).
@@ -83,6 +94,9 @@ TEACHER_T5 = replace(T5_PRESETS["tiny"], vocab_size=VOCAB_SIZE, d_model=128, lay
 # MMDiT rule: heads = depth, hidden = depth * head_dim = 128; MMDiT-X attn2 in blocks 0, 1; 8x8 patch grid.
 TEACHER_CFG = replace(TEACHER_PRESETS["tiny_sd35"], depth=4, head_dim=32, pos_embed_max_size=8, context_dim=128,
                       pooled_dim=128, attn2_blocks=(0, 1), variant="toy_sd35")
+# The same-space reference: the teacher's structure in the STUDENT's latent space (4 channels, 8x8: a 4x4 patch grid),
+# with text encoders of its own, trained alike.
+SAME_SPACE_CFG = replace(TEACHER_CFG, in_channels=4, pos_embed_max_size=4, variant="toy_sd35_4ch")
 # SD 1.5 structure (4 levels, attention in the first three, 8 heads, 32 groups), narrow and one ResBlock per level.
 STUDENT_CFG = replace(UNET_PRESETS["tiny"], model_channels=32, channel_mult=(1, 1, 2, 2), num_res_blocks=1,
                       context_dim=64)
@@ -90,13 +104,18 @@ STUDENT_RES, TEACHER_RES = 64, 128
 
 PLAN = dict(  # steps, batch, lr, data: sized for ~35-40 minutes on two shared CPU cores
     # 32 px crops (the VAEs are fully convolutional; attention only in the mid block, at 4x4 here)
-    vae_s=dict(steps=800, batch=8, lr=1e-3, n=1500, crop=32),  # 4 channels: the harder squeeze
-    vae_t=dict(steps=400, batch=8, lr=1e-3, n=1500, crop=32),
-    dec_s=dict(steps=300, batch=8, lr=5e-4, n=1000),  # then the decoders alone, on whole images
-    dec_t=dict(steps=200, batch=4, lr=5e-4, n=600),
-    teacher=dict(steps=800, batch=24, lr=8e-4, n=1500, minutes=24),  # whichever ends first: steps or minutes
-    student=dict(steps=600, batch=48, lr=6e-4, n=2000, minutes=12),
+    # whole 64 px images; 64 px crops around the shape at 128 px; the shape's pixels weigh 10x (see `foreground`)
+    vae_s=dict(steps=1200, batch=8, lr=1e-3, n=1500, crop=32, fg_weight=5.0),  # 4 channels: the harder squeeze
+    vae_t=dict(steps=700, batch=8, lr=1e-3, n=1500, crop=64, fg_weight=10.0),
+    dec_s=dict(steps=200, batch=8, lr=5e-4, n=1000, fg_weight=5.0),  # then the decoders alone, on whole images
+    dec_t=dict(steps=100, batch=4, lr=5e-4, n=600, fg_weight=5.0),
+    teacher=dict(steps=3000, batch=24, lr=8e-4, n=1500, minutes=25),  # whichever ends first: steps or minutes
+    student=dict(steps=1500, batch=48, lr=6e-4, n=2000, minutes=8),
+    teacher_ss=dict(steps=3000, batch=24, lr=8e-4, n=2000, minutes=18),  # the same-space reference (README table)
 )
+# `--what all`: two chains in parallel, one per core (~45 and ~40 minutes): the teacher's, and the student's followed
+# by the same-space reference teacher's (which needs only the student's VAE).
+CHAINS = ("vae_t,dec_t,teacher", "vae_s,dec_s,student,teacher_ss")
 DATA_SEED, EVAL_SEED, EVAL_N = 1, 777, 200
 
 
@@ -205,6 +224,29 @@ def latent_stats(vae: V.VAE, images: torch.Tensor) -> dict:
     return {"mean": float(z.mean()), "std": float(z.std()), "channel_mean_absmax": float(z.mean((0, 2, 3)).abs().max())}
 
 
+def foreground(images: torch.Tensor) -> torch.Tensor:
+    """(N, 1, H, W) in {0, 1}: pixels away from the background colour (read at the corner, which no shape reaches).
+    The shape covers 2-13% of an image; without extra weight on it the reconstruction loss is nearly all background
+    and a small VAE learns flat colours long before shapes."""
+    return ((images - images[:, :, :1, :1]).abs().amax(1, keepdim=True) > 0.1).float()
+
+
+def shape_crops(x: torch.Tensor, m: torch.Tensor, crop: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """8-px-aligned crops of side `crop` around each image's shape (the centroid of its foreground mask m, +-8 px),
+    so that every crop holds the shape; crop = the image side gives the whole images."""
+    res = x.shape[-1]
+    if crop >= res:
+        return x, m
+    coords = torch.arange(res, dtype=torch.float32)
+    area = m.sum((1, 2, 3)).clamp(min=1)
+    cy, cx = (m.sum(3)[:, 0] * coords).sum(1) / area, (m.sum(2)[:, 0] * coords).sum(1) / area
+    jitter = torch.randint(-1, 2, (len(x), 2), generator=g) * 8
+    oy = (((cy - crop / 2) / 8).round().long() * 8 + jitter[:, 0]).clamp(0, res - crop).tolist()
+    ox = (((cx - crop / 2) / 8).round().long() * 8 + jitter[:, 1]).clamp(0, res - crop).tolist()
+    return (torch.stack([t[i, :, a:a + crop, b:b + crop] for i, (a, b) in enumerate(zip(oy, ox, strict=True))])
+            for t in (x, m))
+
+
 def train_vae(cfg: V.VAEConfig, res: int, plan: dict, seed: int, init=None) -> tuple[V.VAE, dict]:
     """L1 + L2 reconstruction of sampled latents (so the decoder tolerates latent noise) + 1e-6 KL, on random
     8-px-aligned crops; the latent scale is baked in at 70% of the steps, the rest of training settles it."""
@@ -220,7 +262,8 @@ def train_vae(cfg: V.VAEConfig, res: int, plan: dict, seed: int, init=None) -> t
             (vae.quant_conv if cfg.use_quant_conv else vae.encoder.conv_out).bias[cfg.latent_channels:] = -6.0
     opt = torch.optim.AdamW(vae.parameters(), lr=plan["lr"], betas=(0.9, 0.99), weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
-    crop, steps = plan["crop"], plan["steps"]
+    crop, steps = plan.get("crop") or res, plan["steps"]
+    masks = foreground(images)  # (N, 1, res, res)
     for step in range(steps):
         if step == int(0.7 * steps):
             baked = bake_latent_scale(vae, images[:512])
@@ -229,14 +272,14 @@ def train_vae(cfg: V.VAEConfig, res: int, plan: dict, seed: int, init=None) -> t
         for group in opt.param_groups:
             group["lr"] = cosine(step, steps, plan["lr"], warmup=20)
         idx = torch.randint(0, len(images), (plan["batch"],), generator=g)
-        oy, ox = (int(v) * 8 for v in torch.randint(0, (res - crop) // 8 + 1, (2,), generator=g))
-        x = images[idx, :, oy:oy + crop, ox:ox + crop]
+        x, m = shape_crops(images[idx], masks[idx], crop, g)
+        w = 1 + plan.get("fg_weight", 0.0) * m
         mean, logvar = vae_moments(vae, x)
         logvar = logvar.clamp(-30, 20)
         z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
         y = vae.decoder(vae.post_quant_conv(z) if cfg.use_quant_conv else z)
         kl = 0.5 * (mean.square() + logvar.exp() - 1 - logvar).mean()
-        loss = (y - x).abs().mean() + (y - x).square().mean() + 1e-6 * kl
+        loss = (w * ((y - x).abs() + (y - x).square())).sum() / (3 * w.sum()) + 1e-6 * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -270,6 +313,7 @@ def finetune_decoder(which: str, plan: dict, seed: int = 5) -> dict:
     t0 = time.time()
     vae = V.load_vae(path, family=family)
     images, _ = renders(plan["n"], res)
+    masks = foreground(images)
     with torch.no_grad():
         moments = [vae_moments(vae, images[i:i + 50]) for i in range(0, len(images), 50)]
         mean, logvar = torch.cat([m for m, _ in moments]), torch.cat([v for _, v in moments])
@@ -285,9 +329,9 @@ def finetune_decoder(which: str, plan: dict, seed: int = 5) -> dict:
             group["lr"] = cosine(step, plan["steps"], plan["lr"], warmup=10)
         idx = torch.randint(0, len(images), (plan["batch"],), generator=g)
         z = mean[idx] + torch.exp(0.5 * logvar[idx].clamp(-30, 20)) * torch.randn(mean[idx].shape, generator=g)
-        x = images[idx]
+        x, w = images[idx], 1 + plan.get("fg_weight", 0.0) * masks[idx]
         y = vae.decoder(vae.post_quant_conv(z) if cfg.use_quant_conv else z)
-        loss = (y - x).abs().mean() + (y - x).square().mean()
+        loss = (w * ((y - x).abs() + (y - x).square())).sum() / (3 * w.sum())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -328,12 +372,14 @@ def cached_latents(which: str, n: int, res: int, path: Path) -> tuple[torch.Tens
     return x0, scenes
 
 
-def train_teacher(plan: dict, seed: int = 3, more: bool = False) -> tuple[dict, dict]:
+def train_teacher(plan: dict, seed: int = 3, more: bool = False, same_space: bool = False) -> tuple[dict, dict]:
     """Flow matching with CFG dropout; more=True continues from the saved teacher and text encoders (warm restart
-    of the cosine schedule)."""
+    of the cosine schedule). same_space=True: the reference teacher in the student's latent space, with text
+    encoders of its own (trained alike, beside the teacher: assets/toy/same_space/)."""
     torch.manual_seed(seed + 10 * more)
     t0 = time.time()
-    x0_all, scenes = cached_latents("teacher", plan["n"], TEACHER_RES, TEACHER)
+    x0_all, scenes = cached_latents("student", plan["n"], STUDENT_RES, STUDENT) if same_space else \
+        cached_latents("teacher", plan["n"], TEACHER_RES, TEACHER)
     log(f"teacher: {len(x0_all)} latents {tuple(x0_all.shape[1:])} std {x0_all.std():.3f} in {time.time() - t0:.0f}s")
     toks = tokenizers(TEXT_ENCODERS)
     if more:
@@ -342,8 +388,8 @@ def train_teacher(plan: dict, seed: int = 3, more: bool = False) -> tuple[dict, 
         for m in (model, clip_l, clip_g, t5):
             m.train().requires_grad_(True)
     else:
-        model, clip_l, clip_g, t5 = MMDiT(TEACHER_CFG), CLIPTextModel(TEACHER_CLIP_L), \
-            CLIPTextModel(TEACHER_CLIP_G), T5Encoder(TEACHER_T5)
+        model, clip_l, clip_g, t5 = MMDiT(SAME_SPACE_CFG if same_space else TEACHER_CFG), \
+            CLIPTextModel(TEACHER_CLIP_L), CLIPTextModel(TEACHER_CLIP_G), T5Encoder(TEACHER_T5)
         init_weights(model, clip_l, clip_g, t5)
     mods = [model, clip_l, clip_g, t5]
     params = [p for m in mods for p in m.parameters()]
@@ -371,30 +417,52 @@ def train_teacher(plan: dict, seed: int = 3, more: bool = False) -> tuple[dict, 
             log(f"teacher step {step:5d} loss {loss.item():.4f} lr {lr:.2e} {time.time() - t0:.0f}s")
         step += 1
     plan = {**plan, "steps_done": step}
-    TEXT_ENCODERS.mkdir(parents=True, exist_ok=True)
-    save_atomic(half(clip_l.state_dict()), TEXT_ENCODERS / "clip_l.safetensors")
-    save_atomic(half(clip_g.state_dict()), TEXT_ENCODERS / "clip_g.safetensors")
-    save_atomic(half(t5.state_dict()), TEXT_ENCODERS / "t5xxl_fp16.safetensors")
-    merge_save(TEACHER, half(model.state_dict(), "model.diffusion_model."), ("model.diffusion_model.",))
+    folder = SAME_SPACE_TEXT if same_space else TEXT_ENCODERS
+    folder.mkdir(parents=True, exist_ok=True)
+    if same_space:
+        shutil.copyfile(TEXT_ENCODERS / "tokenizer.json", folder / "tokenizer.json")
+    save_atomic(half(clip_l.state_dict()), folder / "clip_l.safetensors")
+    save_atomic(half(clip_g.state_dict()), folder / "clip_g.safetensors")
+    save_atomic(half(t5.state_dict()), folder / "t5xxl_fp16.safetensors")
+    if same_space:  # a bare transformer file: its VAE is the student's
+        save_atomic(half(model.state_dict(), "model.diffusion_model."), SAME_SPACE)
+    else:
+        merge_save(TEACHER, half(model.state_dict(), "model.diffusion_model."), ("model.diffusion_model.",))
     info = {"seconds": round(time.time() - t0), "params": sum(p.numel() for p in model.parameters()),
             "text_params": sum(p.numel() for m in mods[1:] for p in m.parameters()), **plan}
     log(f"teacher done: {info}")
     return info
 
 
+def sincos_2d(side: int, dim: int) -> torch.Tensor:
+    """(side * side, dim) fixed 2D sine-cosine position table (DiT / SD3 initialisation): half the dims encode the row,
+    half the column, each as [sin, cos] at geometric frequencies 1 / 10000^(k / (dim / 4))."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    pos = torch.arange(side, dtype=torch.float64)[:, None] * omega  # (side, dim / 4)
+    emb = torch.cat([pos.sin(), pos.cos()], dim=1)  # (side, dim / 2)
+    rows, cols = emb[:, None, :].expand(side, side, -1), emb[None, :, :].expand(side, side, -1)
+    return torch.cat([rows, cols], dim=-1).reshape(side * side, dim).float()
+
+
 def init_weights(*mods) -> None:
-    """Small normal init for the linear/embedding weights (the modules define no init of their own), zero
-    biases, unit norms; zero-init of the output projections keeps the first steps of training tame."""
+    """The modules define no init of their own. Xavier for linear / conv weights, N(0, 0.02) for token and position
+    tables and the timestep / pooled embedders (DiT), zero biases, unit norms. MMDiT: the position table starts as
+    the fixed 2D sine-cosine table (as DiT and SD3 initialise it; from a random 0.02 table a 25-minute teacher never
+    learned where to put the one shape and drew coloured blobs all over), and adaLN modulation and the final layer
+    start at zero (each block starts as the identity)."""
     for m in mods:
         for name, p in m.named_parameters():
             if p.ndim >= 2:
-                torch.nn.init.normal_(p, std=0.02) if "embed" in name or "shared" in name or "pos_embed" in name \
-                    else torch.nn.init.xavier_uniform_(p.view(p.shape[0], -1))
+                small = any(k in name for k in ("token_embedding", "position_embedding", "shared", "embed_tokens",
+                                                 "relative_attention_bias", "t_embedder", "y_embedder"))
+                torch.nn.init.normal_(p, std=0.02) if small else torch.nn.init.xavier_uniform_(p.view(p.shape[0], -1))
             elif "norm" in name or "ln_" in name or name.endswith("layer_norm.weight") or "final_layer_norm" in name:
                 torch.nn.init.ones_(p) if name.endswith("weight") else torch.nn.init.zeros_(p)
             else:
                 torch.nn.init.zeros_(p)
         if isinstance(m, MMDiT):
+            with torch.no_grad():
+                m.pos_embed.copy_(sincos_2d(m.cfg.pos_embed_max_size, m.cfg.hidden)[None])
             for name, p in m.named_parameters():
                 if "adaLN_modulation" in name or name.startswith("final_layer.linear"):
                     torch.nn.init.zeros_(p)
@@ -432,6 +500,10 @@ def train_student(plan: dict, seed: int = 4, more: bool = False) -> dict:
         x0 = x0_all[idx]
         context = C.sd15_context.__wrapped__(clip, tok, captions([scenes[i] for i in idx], rng))
         t = torch.randint(0, 1000, (len(idx),), generator=g)
+        # a quarter of the batch at t >= 900: one-step sampling (and the distilled generator) starts at t = 999,
+        # where x0 = (x_t - sqrt(1 - a) eps) / sqrt(a) multiplies eps errors by 1 / sqrt(a) = 14.6, and uniform t
+        # leaves the small model's eps there too rough (one-step x0 std 2.4 for latents of std 0.9)
+        t[: len(idx) // 4] = torch.randint(900, 1000, (len(idx) // 4,), generator=g)
         eps = torch.randn(x0.shape, generator=g)
         a = ac[t][:, None, None, None]
         loss = F.mse_loss(unet(a.sqrt() * x0 + (1 - a).sqrt() * eps, t, context), eps)
@@ -471,6 +543,12 @@ def load_toy_student():
     return load_unet(STUDENT), load_clip(STUDENT), tok, V.load_vae(STUDENT, family="sd15")
 
 
+def load_same_space_teacher():
+    """(teacher, text, vae) of the same-space reference: its VAE is the student's."""
+    text = C.load_teacher_text(SAME_SPACE, SAME_SPACE_TEXT)
+    return load_teacher(SAME_SPACE), text, V.load_vae(STUDENT, family="sd15")
+
+
 @torch.no_grad()
 def teacher_images(prompts, steps: int = 28, cfg: float = 5.0, seed: int = 0, batch: int = 100, parts=None):
     import sample
@@ -479,7 +557,8 @@ def teacher_images(prompts, steps: int = 28, cfg: float = 5.0, seed: int = 0, ba
     for i in range(0, len(prompts), batch):
         p = prompts[i:i + batch]
         g = torch.Generator().manual_seed(seed + i)
-        noise = torch.randn(len(p), 16, TEACHER_RES // 8, TEACHER_RES // 8, generator=g)
+        res = TEACHER_RES if teacher.cfg.in_channels == 16 else STUDENT_RES
+        noise = torch.randn(len(p), teacher.cfg.in_channels, res // 8, res // 8, generator=g)
         context, pooled = text([""] * len(p) + p)
         x = sample.sample_flow(teacher, context, pooled, noise, sample.sd3_sigmas(steps), cfg=cfg, progress=False)
         out.append(vae.decode(x).clamp(-1, 1))
@@ -532,6 +611,10 @@ def evaluate(which=("teacher", "student"), n: int = EVAL_N) -> dict:
         with torch.no_grad():
             vae = V.load_vae(TEACHER, family="sd3")
             res["teacher_vae_round_trip"] = judge.score(prompts, vae.decode(vae.encode(real[TEACHER_RES])).clamp(-1, 1))
+    if "same_space" in which:
+        res["same_space_teacher_euler28_cfg5"] = judge.score(prompts, teacher_images(prompts,
+                                                             parts=load_same_space_teacher()))
+        log(f"same-space teacher: {res['same_space_teacher_euler28_cfg5']} ({time.time() - t0:.0f}s)")
     if "student" in which:
         parts = load_toy_student()
         res["student_ddim25_cfg7.5"] = judge.score(prompts, student_images(prompts, parts=parts))
@@ -545,16 +628,25 @@ def evaluate(which=("teacher", "student"), n: int = EVAL_N) -> dict:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="Train the toy teacher and student (CPU, ~35-40 min) and score them.")
-    p.add_argument("--what", default="tokenizer,vae_s,vae_t,teacher,student,dec_s,dec_t,eval",
-                   help="comma-separated parts: tokenizer, vae_s, vae_t, dec_s, dec_t, teacher, student, eval "
-                   "(or eval_teacher, eval_student)")
+    p = argparse.ArgumentParser(description="Train the toy models (2 CPU cores, under an hour) and score them.")
+    p.add_argument("--what", default="all", help="all: the tokenizer, then the chains " + " and ".join(CHAINS) +
+                   " in parallel (a core each), then eval. Or comma-separated parts, run in this order: tokenizer, "
+                   "vae_s, vae_t, dec_s, dec_t, teacher, student, teacher_ss (the same-space reference), eval (or "
+                   "eval_teacher, eval_student, eval_same_space)")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every part's steps (quick trials)")
     p.add_argument("--more", action="store_true", help="VAEs: continue from the saved weights")
     p.add_argument("--minutes", type=float, help="teacher / student: override the planned minutes")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared machine)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.what == "all":
+        for folder in (STUDENT.parent, TEXT_ENCODERS):
+            build_tokenizer(folder / "tokenizer.json")
+        cmd = [sys.executable, __file__, "--scale", str(args.scale), "--threads", str(args.threads), "--what"]
+        chains = [subprocess.Popen(cmd + [chain]) for chain in CHAINS]
+        if any(c.wait() for c in chains):
+            raise SystemExit("toy_train.py: a training chain failed (see above)")
+        args.what = "eval,eval_same_space"
     what = args.what.split(",")
     for plan in PLAN.values():
         plan["steps"] = max(1, int(plan["steps"] * args.scale))
@@ -577,12 +669,14 @@ def main(argv=None) -> None:
         info["teacher" + "_more" * args.more] = train_teacher(PLAN["teacher"], more=args.more)
     if "student" in what:
         info["student" + "_more" * args.more] = train_student(PLAN["student"], more=args.more)
+    if "teacher_ss" in what:
+        info["teacher_ss"] = train_teacher(PLAN["teacher_ss"], same_space=True)
     info["configs"] = {k: str(v) for k, v in dict(vae_s=VAE_S, vae_t=VAE_T, teacher=TEACHER_CFG, student=STUDENT_CFG,
                                                    student_clip=STUDENT_CLIP, teacher_t5=TEACHER_T5).items()}
-    if any(w in what for w in ("vae_s", "vae_t", "dec_s", "dec_t", "teacher", "student")):  # parallel parts: merge late
+    if set(what) & {"vae_s", "vae_t", "dec_s", "dec_t", "teacher", "student", "teacher_ss"}:  # parallel runs: merge
         info = {**(json.loads(info_path.read_text()) if info_path.exists() else {}), **info}
         info_path.write_text(json.dumps(info, indent=1) + "\n")
-    which = [w for w in ("teacher", "student") if "eval" in what or f"eval_{w}" in what]
+    which = [w for w in ("teacher", "student", "same_space") if "eval" in what or f"eval_{w}" in what]
     if which:
         new = evaluate(which)  # then merge: parts may be evaluated in parallel
         scores = {**(json.loads(SCORES.read_text()) if SCORES.exists() else {}), **new}

@@ -226,6 +226,8 @@ def test_bad_input(main_run, tmp_path, capsys):
         "one model only": (["--student", tiny / "student.safetensors", "--out", tmp_path / "e"], "--teacher", False),
         "fresh run, old checkpoint": ([*FAST, "--out", main], "--resume", False),
         "bad flag value": (["--batch-size", "0", "--out", tmp_path / "f"], "--batch-size", False),
+        "identity, 16-channel teacher": ([*FAST, "--bridge-kind", "identity", "--out", tmp_path / "g"],
+                                         "student's latent space", False),
     }
     procs = {name: start(args) for name, (args, _, real) in cases.items() if real}
     results = {name: in_process(args, capsys) for name, (args, _, real) in cases.items() if not real}
@@ -252,3 +254,22 @@ def test_preset_reruns_over_its_own_finished_run(main_run):
     for ra, rb in zip(before, after, strict=True):
         for k in set(ra) - {"stage"}:
             assert rb[k] == pytest.approx(ra[k], rel=1e-5, abs=1e-7), (ra["step"], k)
+
+
+def test_bridge_kinds(main_run, tmp_path):
+    """The ablations' maps into teacher space (--bridge-kind): naive is trained in stage 1 beside the Bridge and saved;
+    exact skips stage 1 and back-propagates through decode-resize-encode. Both train the student."""
+    main, _ = main_run
+    procs = {kind: start([*FAST, "--steps", "2", "--bridge-kind", kind, "--out", tmp_path / kind])
+             for kind in ("naive", "exact")}
+    base = load_file(main / "tiny" / "student.safetensors")
+    for kind, proc in procs.items():
+        rc, _, err = finish(proc)
+        assert rc == 0, err[-2000:]
+        logged = records(tmp_path / kind)
+        assert [r["step"] for r in logged] == [1, 2] and all(math.isfinite(r["loss_gen"]) for r in logged[:1])
+        assert len(records(tmp_path / kind, "bridge")) == (4 if kind == "naive" else 0)
+        assert (tmp_path / kind / "naive.safetensors").exists() == (kind == "naive")
+        after = load_file(tmp_path / kind / "student.safetensors")
+        changed = [k for k in base if k.startswith("model.diffusion_model.") and not torch.equal(base[k], after[k])]
+        assert changed, kind

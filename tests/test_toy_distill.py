@@ -1,12 +1,15 @@
 """The method works, and the test can tell: from the committed toy models (assets/toy), a short stage-2 run of
-distill.py --preset toy raises the one-step student's judge score (all_correct, the toy world's HPS) by at least
-MARGIN over the base student; the same run with the DMD gradient's sign flipped, or with the student's latent
-reaching the Bridge detached (no gradient into the student), does NOT reach the margin.
+distill.py --preset toy raises the one-step student's judge score by at least MARGIN over the base student; the same
+run with the DMD gradient's sign flipped, or with the student's latent reaching the Bridge detached (no gradient into
+the student), does NOT reach the margin.
+
+The score is the judge's accuracy on the shape's colour: the attribute that the committed toy teacher gets right
+(0.95) and the base one-step student does not (0.29). The teacher is near chance on position and shape (README), so
+its fully-satisfied share, and any student's, is near zero and can't show a gain.
 
 Stage 1 is not repeated here: the runs start from the toy preset's trained projector (assets/toy/distilled/
 bridge.safetensors, what `python distill.py` wrote) and share one text cache, so the three runs cost only stage 2."""
 import json
-import os
 import runpy
 import sys
 from pathlib import Path
@@ -26,35 +29,26 @@ from vae import load_vae
 ROOT = Path(__file__).resolve().parents[1]
 TOY = ROOT / "assets" / "toy"
 PROJECTOR = TOY / "distilled" / "bridge.safetensors"
-SCORES = json.loads((TOY / "scores.json").read_text()) if (TOY / "scores.json").is_file() else {}
-TEACHER = max([v["all_correct"] for k, v in SCORES.items() if k.startswith("teacher_euler")], default=0.0)  # sampled
-# A gain in all_correct is only measurable when the teacher itself satisfies a fair share of the prompts: the student
-# can't learn from the teacher what the teacher can't do (and the judge's all_correct of chance images is 0).
-pytestmark = [
-    pytest.mark.skipif(not (TOY / "teacher" / "toy_sd35.safetensors").is_file() or not PROJECTOR.is_file(),
-                       reason="the toy models (toy_train.py) and the toy preset's projector are not there"),
-    pytest.mark.skipif(TEACHER < 0.2 and not os.environ.get("TOY_DISTILL_FORCE"), reason=f"the toy teacher's judge "
-                       f"all_correct is {TEACHER:.3f} (assets/toy/scores.json): too weak for a gain to be measurable "
-                       "(TOY_DISTILL_FORCE=1 runs it anyway)")]
+pytestmark = pytest.mark.skipif(not (TOY / "teacher" / "toy_sd35.safetensors").is_file() or not PROJECTOR.is_file(),
+                                reason="the toy models (toy_train.py) and the toy preset's projector are not there")
+GEN_T = 800  # the toy preset's --gen-timestep: the base student is judged as the generator starts
 N_EVAL = 200  # fixed prompts (seed 777, those of assets/toy/scores.json) and noises (seed 0)
 RUN = ["--steps", "60", "--fake-steps-per-gen", "1", "--ema", "0", "--eval", "0", "--ckpt-every", "1000",
        "--sample-every", "1000"]
-# The pre-stated margin on the all_correct gain (after - before, on N_EVAL prompts). PROVISIONAL, not calibrated:
-# with the toy models committed so far the teacher's own all_correct is 0.000 (background 1.00, the other attributes
-# near chance), so every run's all_correct gain is 0 and this test skips. To calibrate: TOY_DISTILL_FORCE=1, RUN at
-# seeds 0, 1, 2; MARGIN well below the smallest correct gain and above every broken run's.
+# The pre-stated margin on the colour-accuracy gain (after - before, on N_EVAL prompts). Calibration (this RUN): the
+# correct run gains 0.225 (0.29 -> 0.515); a detached Bridge gains exactly 0 (no gradient reaches the student).
 MARGIN = 0.10
 
 
 @torch.no_grad()
 def judge(student) -> dict:
-    """The judge's scores of a student's one-step samples (x0 from pure noise at t = 999) on the fixed set."""
+    """The judge's scores of a student's one-step samples (x0 from pure noise told t = GEN_T) on the fixed set."""
     rng = np.random.default_rng(777)
     prompts = [toy.caption(s, rng) for s in toy.sample_scenes(N_EVAL, 777)]
     unet, vae, clip = load_unet(student), load_vae(student, family="sd15"), load_clip(student)
     context = clip(find_clip_tokenizer(student).encode(prompts)).last_hidden_state
     noise = torch.randn((N_EVAL, 4, 8, 8), generator=torch.Generator().manual_seed(0))
-    images = torch.cat([vae.decode(one_step_x0(unet, noise[i:i + 50], 999, context[i:i + 50]))
+    images = torch.cat([vae.decode(one_step_x0(unet, noise[i:i + 50], GEN_T, context[i:i + 50]))
                         for i in range(0, N_EVAL, 50)])
     return toy.load_judge().score(prompts, images)
 
@@ -97,7 +91,7 @@ def test_distillation_gain(method, base, shared, tmp_path, monkeypatch):
     {"correct": lambda m: None, "dmd_sign_flipped": break_dmd_sign, "bridge_detached": detach_bridge_input}[method](
         monkeypatch)
     after = judge(distill(tmp_path, *shared, *RUN))
-    gain = after["all_correct"] - base["all_correct"]
+    gain = after["color"] - base["color"]
     print(json.dumps({"method": method, "before": base, "after": after, "gain": gain}))
     if method == "correct":
         assert gain >= MARGIN, (base, after)

@@ -1,0 +1,144 @@
+"""The README's toy-world table: the judge's scores of every model and ablation, over several seeds, with spread.
+
+Rows (200 fixed prompts of the judge, toy_train.eval_prompts; mean +- std over --seeds):
+  base student, 1 step / 25 DDIM steps (CFG 7.5)    sampling noise varies with the seed
+  teacher, 28 Euler steps (CFG 5)                   the same; also the same-space reference teacher
+  distilled student, 1 step                         `python distill.py --preset toy --seed S`, both stages; the
+                                                    judge's one-step score at the end of the run (distill.py --eval)
+  ablations, 1 step: no attention fidelity (--attn-weight 0), naive Bridge (--bridge-kind naive: bilinear resize +
+  1x1 conv), exact path (--bridge-kind exact: back-propagation through decode-resize-encode), same-space
+  distillation (--bridge-kind identity from the same-space teacher: no Bridge needed, the reference point).
+Wall time: sampling and judging the 200 prompts (model rows), or the whole distill.py run (both stages and its judging
+before and after) for distilled rows. Every run is a subprocess on one CPU thread; --jobs run at once.
+
+    python toy_table.py                     # everything (3 seeds; ~1 hour on 2 cores)
+    python toy_table.py --rows distilled --seeds 0   # one row, one seed
+Each run's result lands in out/table/ROW_sSEED/result.json; assets/toy/table.json and the printed markdown table
+are built from all of them (--collect: just that).
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent
+OUT = ROOT / "out" / "table"
+TABLE = ROOT / "assets" / "toy" / "table.json"
+SAME_SPACE = ROOT / "assets" / "toy" / "same_space"
+DISTILL_ROWS = {  # row -> distill.py flags (on top of --preset toy)
+    "distilled": [],
+    "no_attention_fidelity": ["--attn-weight", "0"],
+    "naive_bridge": ["--bridge-kind", "naive"],
+    "exact_path": ["--bridge-kind", "exact"],
+    "same_space": ["--bridge-kind", "identity", "--teacher", str(SAME_SPACE / "toy_sd35_4ch.safetensors"),
+                   "--text-encoders", str(SAME_SPACE / "text_encoders"), "--teacher-res", "64"],
+}
+MODEL_ROWS = ("student_1step", "student_ddim25", "teacher_euler28", "same_space_teacher_euler28")
+LABELS = {"student_1step": "base student, 1 step", "student_ddim25": "base student, 25 DDIM steps",
+          "teacher_euler28": "teacher (16 ch, 128 px), 28 Euler steps",
+          "same_space_teacher_euler28": "same-space teacher (4 ch, 64 px), 28 Euler steps",
+          "distilled": "**distilled student, 1 step (Bridge)**",
+          "no_attention_fidelity": "ablation: no attention fidelity, 1 step",
+          "naive_bridge": "ablation: naive Bridge (resize + 1x1), 1 step",
+          "exact_path": "ablation: exact decode-resize-encode path, 1 step",
+          "same_space": "reference: same-space distillation, 1 step"}
+METRICS = ("all_correct", "shape", "color", "background", "position", "size", "fd")
+
+
+def model_row(row: str, seed: int) -> dict:
+    import toy
+    import toy_train as T
+    torch.set_num_threads(1)
+    prompts, t0 = T.eval_prompts(), time.time()
+    if row.startswith("student"):
+        images = T.student_images(prompts, steps=1 if row == "student_1step" else 25, seed=seed)
+    else:
+        parts = T.load_same_space_teacher() if row.startswith("same_space") else None
+        images = T.teacher_images(prompts, seed=seed, parts=parts)
+    return toy.load_judge().score(prompts, images) | {"seconds": time.time() - t0}
+
+
+def distill_row(row: str, seed: int) -> dict:
+    out = OUT / f"{row}_s{seed}"
+    cmd = [sys.executable, "distill.py", "--preset", "toy", "--seed", str(seed), "--out", str(out),
+           *DISTILL_ROWS[row]]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    t0 = time.time()
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+    judged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    judged = [r for r in judged if r.get("stage") == "judge"][-1]
+    return judged["student"] | {"seconds": time.time() - t0, "base": judged["base"]["all_correct"]}
+
+
+def run(job):
+    row, seed = job
+    path = OUT / f"{row}_s{seed}" / "result.json"
+    if row in MODEL_ROWS:  # in a subprocess too: one thread each, in parallel
+        cmd = [sys.executable, __file__, "--one", row, str(seed)]
+        done = subprocess.run(cmd, cwd=ROOT, env=os.environ | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+        result = json.loads(done.stdout.splitlines()[-1])
+    else:
+        result = distill_row(row, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result) + "\n")
+    print(f"{row} seed {seed}: all_correct {result['all_correct']:.3f} ({result['seconds']:.0f}s)", flush=True)
+    return row, seed, result
+
+
+def collect() -> dict:
+    """The table from every finished run's out/table/ROW_sSEED/result.json (runs may come from several invocations
+    running at once)."""
+    table = {}
+    for f in sorted(OUT.glob("*_s*/result.json")):
+        row, seed = f.parent.name.rsplit("_s", 1)
+        table.setdefault(row, {})[seed] = json.loads(f.read_text())
+    return table
+
+
+def markdown(table: dict) -> str:
+    lines = ["| row | fully satisfied | shape | colour | background | position | size | FD | wall time |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row, runs in table.items():
+        cell = []
+        for m in METRICS + ("seconds",):
+            v = np.array([r[m] for r in runs.values()])
+            fmt = "{:.0f} s" if m == "seconds" else "{:.0f}" if m == "fd" else "{:.3f}"
+            cell.append(fmt.format(v.mean()) + ("" if m == "seconds" else f" ± {fmt.format(v.std())}"))
+        lines.append(f"| {LABELS[row]} | " + " | ".join(cell) + " |")
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rows", default=",".join(MODEL_ROWS + tuple(DISTILL_ROWS)))
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--jobs", type=int, default=2, help="runs at once, one CPU thread each")
+    p.add_argument("--collect", action="store_true", help="only rebuild the table from the finished runs")
+    p.add_argument("--one", nargs=2, metavar=("ROW", "SEED"), help=argparse.SUPPRESS)  # a model row: JSON on stdout
+    args = p.parse_args()
+    if args.one:
+        print(json.dumps(model_row(args.one[0], int(args.one[1]))))
+        return
+    jobs = [] if args.collect else [(r, int(s)) for r in args.rows.split(",") for s in args.seeds.split(",")]
+    table = collect()
+    with ThreadPoolExecutor(args.jobs) as pool:  # threads that wait on subprocesses
+        for _ in pool.map(run, jobs):
+            table = collect()
+            TABLE.write_text(json.dumps(table, indent=1) + "\n")  # after each run: an interrupted table keeps its rows
+    order = [r for r in MODEL_ROWS + tuple(DISTILL_ROWS) if r in table]
+    print(markdown({r: table[r] for r in order}))
+
+
+if __name__ == "__main__":
+    main()
