@@ -41,10 +41,10 @@ DISTILL_ROWS = {  # row -> distill.py flags (on top of --preset toy)
                    "--text-encoders", str(SAME_SPACE / "text_encoders"), "--teacher-res", "64"],
 }
 MODEL_ROWS = ("student_1step", "student_ddim25", "teacher_euler28", "same_space_teacher_euler28")
-LABELS = {"student_1step": "base student, 1 step", "student_ddim25": "base student, 25 DDIM steps",
+LABELS = {"student_1step": "base student, 1 step (t = 999, CFG 7.5)", "student_ddim25": "base student, 25 DDIM steps",
           "teacher_euler28": "teacher (16 ch, 128 px), 28 Euler steps",
           "same_space_teacher_euler28": "same-space teacher (4 ch, 64 px), 28 Euler steps",
-          "distilled": "**distilled student, 1 step (Bridge)**",
+          "distilled": "**distilled student, 1 step (Bridge)** (t = 800)",
           "no_attention_fidelity": "ablation: no attention fidelity, 1 step",
           "naive_bridge": "ablation: naive Bridge (resize + 1x1), 1 step",
           "exact_path": "ablation: exact decode-resize-encode path, 1 step",
@@ -107,15 +107,15 @@ def collect() -> dict:
 
 
 def markdown(table: dict) -> str:
-    lines = ["| row | fully satisfied | shape | colour | background | position | size | FD | wall time |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| row | seeds | fully satisfied | shape | colour | background | position | size | FD | wall time |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row, runs in table.items():
         cell = []
         for m in METRICS + ("seconds",):
             v = np.array([r[m] for r in runs.values()])
             fmt = "{:.0f} s" if m == "seconds" else "{:.0f}" if m == "fd" else "{:.3f}"
             cell.append(fmt.format(v.mean()) + ("" if m == "seconds" else f" ± {fmt.format(v.std())}"))
-        lines.append(f"| {LABELS[row]} | " + " | ".join(cell) + " |")
+        lines.append(f"| {LABELS[row]} | {','.join(sorted(runs))} | " + " | ".join(cell) + " |")
     return "\n".join(lines)
 
 
