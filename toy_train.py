@@ -408,13 +408,7 @@ def train_teacher(plan: dict, seed: int = 3, more: bool = False, same_space: boo
         s = sigma[:, None, None, None]
         v = model((1 - s) * x0 + s * noise, sigma, context, pooled)
         loss = F.mse_loss(v, noise - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        if step % 50 == 0:
-            lr = opt.param_groups[0]["lr"]
-            log(f"teacher step {step:5d} loss {loss.item():.4f} lr {lr:.2e} {time.time() - t0:.0f}s")
+        update(opt, params, loss, step, "teacher", t0)
         step += 1
     plan = {**plan, "steps_done": step}
     folder = SAME_SPACE_TEXT if same_space else TEXT_ENCODERS
@@ -432,6 +426,16 @@ def train_teacher(plan: dict, seed: int = 3, more: bool = False, same_space: boo
             "text_params": sum(p.numel() for m in mods[1:] for p in m.parameters()), **plan}
     log(f"teacher done: {info}")
     return info
+
+
+def update(opt, params, loss, step: int, name: str, t0: float) -> None:
+    """One optimizer step with gradient clipping at 1.0; a log line every 50 steps."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    if step % 50 == 0:
+        log(f"{name} step {step:5d} loss {loss.item():.4f} lr {opt.param_groups[0]['lr']:.2e} {time.time() - t0:.0f}s")
 
 
 def sincos_2d(side: int, dim: int) -> torch.Tensor:
@@ -507,13 +511,7 @@ def train_student(plan: dict, seed: int = 4, more: bool = False) -> dict:
         eps = torch.randn(x0.shape, generator=g)
         a = ac[t][:, None, None, None]
         loss = F.mse_loss(unet(a.sqrt() * x0 + (1 - a).sqrt() * eps, t, context), eps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        if step % 50 == 0:
-            lr = opt.param_groups[0]["lr"]
-            log(f"student step {step:5d} loss {loss.item():.4f} lr {lr:.2e} {time.time() - t0:.0f}s")
+        update(opt, params, loss, step, "student", t0)
         step += 1
     plan = {**plan, "steps_done": step}
     tensors = {**half(unet.state_dict(), "model.diffusion_model."),
