@@ -1,15 +1,16 @@
 """Benchmark: our models vs diffusers' on the SAME random full-size weights (a script, not a test).
 
     python bench.py                                    # SD 1.5 UNet forward + VAE decode, CPU fp32, 64x64 latents
-    python bench.py --device cuda --dtype bf16 --what unet,vae,sd35,flux [--compile]
-    python bench.py --what sd35,flux --layers 1 --res 256 --runs 1     # CPU smoke test of the teacher benchmarks
+    python bench.py --device cuda --dtype bf16 --what unet,vae,sd35m,sd35,flux [--compile] [--no-ref]
+    python bench.py --what sd35m,sd35,flux --layers 1 --res 256 --runs 1     # CPU smoke test of the teachers
 
 Each model is built by diffusers at the released config with random init, then converted to ours through our key
 maps (the same tensors, nothing re-drawn), so both compute the same function on the same inputs. Timed after
 warm-up (which also compiles with --compile), median of --runs. Prints seconds, our/diffusers ratio, the max
 relative difference of the two outputs and, on CUDA, the peak memory one forward adds on top of what is resident.
-Teachers: sd35 = SD3.5 Large (38 joint blocks, 8.1B), flux = FLUX.1-dev (19 + 38 blocks, 11.9B), one image at
---res px (1024) with the pipelines' default text lengths (SD3: 77 + 256 tokens, FLUX-dev: 512).
+Teachers: sd35m = SD3.5 Medium (24 MMDiT-X blocks, 2.5B), sd35 = SD3.5 Large (38 joint blocks, 8.1B), flux =
+FLUX.1-dev (19 + 38 blocks, 11.9B), one image at --res px (1024) with the pipelines' default text lengths (SD3:
+77 + 256 tokens, FLUX-dev: 512).
 """
 import argparse
 import statistics
@@ -63,13 +64,16 @@ def teacher(family, layers):
     """(ours, diffusers) teacher; `layers` (None = all) cuts the depth: SD3 keeps the MMDiT rule heads = depth,
     hidden = 64 depth, so a cut SD3 is also narrower; FLUX keeps its width and runs layers + 2 * layers blocks."""
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
-    if family == "sd35":
-        cfg = tm.PRESETS["sd35_large"] if layers is None else replace(tm.PRESETS["sd35_large"], depth=layers)
-        # SD3.5 Large `transformer/config.json`, with our depth.
+    if family in ("sd35", "sd35m"):
+        large = family == "sd35"
+        base = tm.PRESETS["sd35_large" if large else "sd35_medium"]
+        cfg = base if layers is None else replace(base, depth=layers, attn2_blocks=base.attn2_blocks[:layers])
+        # SD3.5 Large / Medium `transformer/config.json`, with our depth (Medium: MMDiT-X, attn2 in blocks 0-12)
         ref = SD3Transformer2DModel(
             sample_size=128, patch_size=2, in_channels=16, num_layers=cfg.depth, attention_head_dim=64,
             num_attention_heads=cfg.depth, joint_attention_dim=4096, caption_projection_dim=cfg.hidden,
-            pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192, qk_norm="rms_norm")
+            pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=cfg.pos_embed_max_size,
+            qk_norm="rms_norm", dual_attention_layers=cfg.attn2_blocks)
         ours = build_meta(tm.MMDiT, cfg)
     else:
         cfg = tm.PRESETS["flux_dev"] if layers is None else \
@@ -112,12 +116,13 @@ def cases(what, args, device, dtype):
         del ours, ref
     h = w = args.res // 8  # latent size
     sigma = torch.full((B,), 0.7, device=device)
-    if "sd35" in what:
-        ours, ref = build(teacher, "sd35", args.layers)
+    for fam in [f for f in ("sd35m", "sd35") if f in what]:
+        ours, ref = build(teacher, fam, args.layers)
         x, ctx, pooled = rand(B, 16, h, w), rand(B, 77 + 256, 4096), rand(B, 2048)
-        yield (f"SD3.5 Large {args.res}px", ours, ref, lambda m: m(x, sigma, ctx, pooled),
-               lambda m: m(hidden_states=x, encoder_hidden_states=ctx, pooled_projections=pooled,
-                           timestep=1000 * sigma).sample)
+        yield (f"SD3.5 {'Medium' if fam == 'sd35m' else 'Large'} {args.res}px", ours, ref,
+               lambda m, x=x, ctx=ctx, pooled=pooled: m(x, sigma, ctx, pooled),
+               lambda m, x=x, ctx=ctx, pooled=pooled: m(hidden_states=x, encoder_hidden_states=ctx,
+                                                         pooled_projections=pooled, timestep=1000 * sigma).sample)
         del ours, ref
     if "flux" in what:
         ours, ref = build(teacher, "flux", args.layers)
@@ -170,7 +175,7 @@ def measure(model, call, args, device):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--what", default="unet,vae", help="comma list of: unet, vae, sd35, flux")
+    p.add_argument("--what", default="unet,vae", help="comma list of: unet, vae, sd35m, sd35, flux")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     p.add_argument("--runs", type=int, default=5)
@@ -180,6 +185,8 @@ def main():
     p.add_argument("--res", type=int, default=1024, help="teachers: image size in px (a multiple of 16)")
     p.add_argument("--layers", type=int, help="teachers: cut the depth (CPU smoke tests)")
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument("--ref", action=argparse.BooleanOptionalAction, default=True,
+                   help="--no-ref: time ours only (diffusers still builds the weights; saves its compile time)")
     args = p.parse_args()
     from diffusers.utils import logging
     logging.set_verbosity_error()  # diffusers' notes on random init / dtype casts are not results
@@ -189,12 +196,16 @@ def main():
     print(f"{name}, {args.dtype}, batch {args.batch}, median of {args.runs} after {args.warmup} warm-up, "
           f"compile {args.compile}, torch {torch.__version__}")
     for label, ours, ref, ours_call, ref_call in cases(set(args.what.split(",")), args, device, dtype):
-        t_ref, out_ref, mem_ref = measure(ref, ref_call, args, device)
         t_ours, out_ours, mem_ours = measure(ours, ours_call, args, device)
-        err = ((out_ours - out_ref).abs().max() / out_ref.abs().max()).item()
-        mem = f"  peak +{mem_ours:.2f} / +{mem_ref:.2f} GiB" if mem_ours is not None else ""
-        print(f"{label:22s} ours {t_ours:8.3f} s  diffusers {t_ref:8.3f} s  ratio {t_ours / t_ref:5.2f}"
-              f"  max rel diff {err:.1e}{mem}", flush=True)
+        mem = f"  peak +{mem_ours:.2f} GiB" if mem_ours is not None else ""
+        if args.ref:
+            t_ref, out_ref, mem_ref = measure(ref, ref_call, args, device)
+            err = ((out_ours - out_ref).abs().max() / out_ref.abs().max()).item()
+            mem += f" / +{mem_ref:.2f} GiB" if mem_ref is not None else ""
+            print(f"{label:22s} ours {t_ours:8.3f} s  diffusers {t_ref:8.3f} s  ratio {t_ours / t_ref:5.2f}"
+                  f"  max rel diff {err:.1e}{mem}", flush=True)
+        else:
+            print(f"{label:22s} ours {t_ours:8.3f} s{mem}", flush=True)
         del ours, ref, ours_call, ref_call  # before the next pair is built: two 12B models need not coexist
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -27,7 +27,9 @@ the fake-score backward through 24 checkpointed blocks of 4096 image + 333 text 
 the real / fake DMD passes keep none (no grad). Stage 2 total ~25-30 GB. Stage 1 (before the optimizers exist) keeps
 fp32 attention maps (24 heads x 4096 x 4429 = 1.7 GB per block and sample) for 3 blocks: ~5 GB per sample, so its
 batch is 2: ~20 GB in all. FLUX.1-dev: 23.8 GB bf16 + 3.6 GB LoRA state + 17 GB student, batch 1 (or --fsdp).
-No GPU was available: the CUDA / bf16 / nccl / --compile paths are untested (CPU, gloo, DDP and FSDP are tested).
+Measured on one H100 with random weights (bench_distill.py; README "Performance"): peaks of 16.7 GiB (stage 1) and
+25.3 GiB (stage 2) with SD3.5-Medium, 36.0 and 44.4 GiB with FLUX.1-dev at batch 1. Multi-GPU NCCL runs are untested
+(CPU gloo DDP and FSDP are tested).
 """
 import argparse
 import copy
@@ -393,6 +395,11 @@ def all_reduce_grads(params):  # for the small projector (used twice a step, so 
             q.grad /= world
 
 
+def timing(t_it) -> dict:  # an iteration's seconds (the .item() of its losses synchronised) and peak GPU memory
+    return {"sec": time.perf_counter() - t_it} | ({"peak_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30}
+                                                 if cuda else {})
+
+
 def log(record):
     if master:
         with open(log_path, "a") as f:
@@ -440,23 +447,27 @@ if not args.resume and not args.bridge and args.bridge_kind in ("bridge", "naive
     gen = torch.Generator().manual_seed(args.seed + 2)
     blocks = BR.resolve_blocks(tuple(args.attn_blocks), teacher.cfg.depth)
     G = args.bridge_batch * world
+    torch.cuda.reset_peak_memory_stats(device) if cuda else None
     for it in (bar := tqdm(range(args.bridge_steps), desc="stage 1: bridge", disable=not master)):
+        t_it = time.perf_counter()
         i = torch.randint(n_train, (G,), generator=gen)
         sigma = mine(BR.sample_sigmas(G, *args.attn_sigma, shift, generator=gen))
         noise = mine(torch.randn((G, ct, ht, ht), generator=gen))
         zs, zt, i = mine(z_s[i]), mine(z_t[i]), mine(i).cpu()
-        with amp(), TM.lora_enabled(teacher, False):
-            zh = bridge(zs)
-            rec = BR.reconstruction_loss(zh, zt)
-            attn = BR.attention_fidelity_loss(teacher, zh, zt, *ctx_of(pidx[i]), sigma, noise, blocks, guid(len(i))) \
-                if args.attn_weight else torch.zeros((), device=device)
-            rec_naive = BR.reconstruction_loss(naive(zs), zt)  # the baseline: same data, same steps, reconstruction
-        (args.rec_weight * rec + args.attn_weight * attn + rec_naive).backward()
+        # LoRA stays off through the backward too: with --grad-ckpt the backward recomputes the teacher's blocks
+        with TM.lora_enabled(teacher, False):
+            with amp():
+                zh = bridge(zs)
+                rec = BR.reconstruction_loss(zh, zt)
+                attn = BR.attention_fidelity_loss(teacher, zh, zt, *ctx_of(pidx[i]), sigma, noise, blocks,
+                                                  guid(len(i))) if args.attn_weight else torch.zeros((), device=device)
+                rec_naive = BR.reconstruction_loss(naive(zs), zt)  # the baseline: same data and steps, reconstruction
+            (args.rec_weight * rec + args.attn_weight * attn + rec_naive).backward()
         all_reduce_grads(opt_b.param_groups[0]["params"])
         opt_b.step()
         opt_b.zero_grad(set_to_none=True)
         bar.set_postfix(rec=f"{rec.item():.4f}", attn=f"{attn.item():.4f}", naive=f"{rec_naive.item():.4f}")
-        log(dict(stage="bridge", step=it + 1, rec=rec.item(), attn=attn.item(), naive=rec_naive.item()))
+        log(dict(stage="bridge", step=it + 1, rec=rec.item(), attn=attn.item(), naive=rec_naive.item()) | timing(t_it))
 
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     with torch.no_grad(), amp():  # the report: held-out reconstruction and cost per sample
@@ -485,11 +496,18 @@ if not args.resume and not args.bridge and args.bridge_kind in ("bridge", "naive
     del z_s, z_t, opt_b
 
 # ----------------------------------------------------------------------------- stage 2: setup
-raw_teacher = teacher
+raw_teacher, model_c = teacher, model
 if args.compile:  # compile, then wrap (nanoGPT order)
-    model_c, teacher = torch.compile(model), torch.compile(teacher)
-else:
-    model_c = model
+    # The teacher block by block ("regional compilation"): its blocks share their code, so a few compiled graphs serve
+    # all of them, and activation checkpointing wraps compiled blocks. Variants: batch (CFG doubles it), grad mode,
+    # LoRA on / off, MMDiT-X blocks with and without attn2: more than dynamo's default recompile limit of 8.
+    # Measured on an H100 (README, SD 1.5 + SD3.5-Medium at 1024 px): 52 s of compilation in the first iteration,
+    # then the two-time-scale cycle takes 15% less time than eager. With the student UNet compiled too (whole, its
+    # checkpointing inside the graph), the first iteration had not finished after 4.5 (teacher compiled whole) or 6
+    # minutes (by block); so the student stays eager (3% of an iteration's FLOPs).
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    for block in [b for name in ("joint_blocks", "double_blocks", "single_blocks") for b in getattr(teacher, name, [])]:
+        block.compile()
 if ddp:
     from torch.nn.parallel import DistributedDataParallel as DDP
     model_c = DDP(model_c, device_ids=[device.index] if cuda else None)
@@ -547,9 +565,10 @@ B, G = args.batch_size, args.batch_size * world
 lo, hi = args.sigma_range
 unc_ctx, unc_pooled = cache.negative_teacher_context.to(device), cache.negative_teacher_pooled.to(device)
 t0 = time.time()
+torch.cuda.reset_peak_memory_stats(device) if cuda else None
 for step in (bar := tqdm(range(start, args.steps), desc="stage 2: distill", disable=not master, initial=start,
                          total=args.steps)):
-    gen_step = step % args.fake_steps_per_gen == 0  # the two-time-scale rule (DMD2)
+    gen_step, t_it = step % args.fake_steps_per_gen == 0, time.perf_counter()  # the two-time-scale rule (DMD2)
     idx = torch.randint(len(cache.prompts), (G,), generator=gen)
     noise = mine(torch.randn((G, 4, hs, hs), generator=gen))
     idx = mine(idx).cpu()
@@ -596,7 +615,7 @@ for step in (bar := tqdm(range(start, args.steps), desc="stage 2: distill", disa
     rec["grad_norm_fake"] = TS.full(torch.nn.utils.clip_grad_norm_([q for _, q in lora], args.grad_clip)).item()
     optimizers["lora"].step()
     optimizers["lora"].zero_grad(set_to_none=True)
-    log(rec)
+    log(rec | timing(t_it))
     bar.set_postfix({k: f"{v:.4f}" for k, v in rec.items() if k.startswith("loss")})
     if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps:
         save_checkpoint(step + 1)
