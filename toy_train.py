@@ -363,12 +363,12 @@ def cached_latents(which: str, n: int, res: int, path: Path) -> tuple[torch.Tens
     """Latents of `n` renders, cached under /tmp by encoder weights and size (encoding 128 px images is slow)."""
     scenes = toy.sample_scenes(n, DATA_SEED)
     key = float(Checkpoint(path).tensors("first_stage_model.encoder.conv_out.", dtype=torch.float64)["weight"].sum())
-    cache = Path(f"/tmp/toy_latents_{which}_{n}_{key:.12e}.pt")
+    cache = Path(f"/tmp/toy_latents_{which}_{n}_{key:.12e}.safetensors")  # safetensors: nothing is unpickled
     if cache.exists():
-        return torch.load(cache), scenes
+        return Checkpoint(cache).tensors()["x0"], scenes
     images, _ = renders(n, res)
     x0 = encode_dataset(V.load_vae(path, family="sd15" if which == "student" else "sd3"), images)
-    torch.save(x0, cache)
+    save_atomic({"x0": x0}, cache)
     return x0, scenes
 
 
