@@ -15,6 +15,7 @@ FLUX.1-dev (19 + 38 blocks, 11.9B), one image at --res px (1024) with the pipeli
 import argparse
 import statistics
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 
 import torch
@@ -65,8 +66,7 @@ def teacher(family, layers):
     hidden = 64 depth, so a cut SD3 is also narrower; FLUX keeps its width and runs layers + 2 * layers blocks."""
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
     if family in ("sd35", "sd35m"):
-        large = family == "sd35"
-        base = tm.PRESETS["sd35_large" if large else "sd35_medium"]
+        base = tm.PRESETS["sd35_large" if family == "sd35" else "sd35_medium"]
         cfg = base if layers is None else replace(base, depth=layers, attn2_blocks=base.attn2_blocks[:layers])
         # SD3.5 Large / Medium `transformer/config.json`, with our depth (Medium: MMDiT-X, attn2 in blocks 0-12)
         ref = SD3Transformer2DModel(
@@ -88,6 +88,17 @@ def teacher(family, layers):
     return load_state(ours, state, "diffusers reference").eval(), ref.eval()
 
 
+@contextmanager
+def made_on(device, dtype):
+    """Modules constructed inside are made directly on `device` in `dtype`: no fp32 copy of 12B parameters."""
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
 def cases(what, args, device, dtype):
     """Yield (name, ours, diffusers, ours_call, ref_call): two models on `device` in `dtype`, and a call of each on
     the same inputs returning comparable outputs."""
@@ -95,13 +106,9 @@ def cases(what, args, device, dtype):
     rand = lambda *shape: torch.randn(shape, generator=g).to(device, dtype)  # noqa: E731
     B, s = args.batch, args.size
 
-    def build(fn, *a):  # construct directly on the device in the dtype: no fp32 copy of 12B parameters
-        torch.set_default_dtype(dtype)
-        try:
-            with torch.device(device):
-                return [m.to(dtype) for m in fn(*a)]  # and buffers made in fp32 whatever the default (SD3 pos_embed)
-        finally:
-            torch.set_default_dtype(torch.float32)
+    def build(fn, *a):
+        with made_on(device, dtype):
+            return [m.to(dtype) for m in fn(*a)]  # and buffers made in fp32 whatever the default (SD3 pos_embed)
 
     if "unet" in what:
         ours, ref = build(sd15_unet)

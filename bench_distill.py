@@ -29,8 +29,10 @@ from torch.utils.flop_counter import FlopCounterMode
 import bridge as BR
 import teacher_mmdit as TM
 import text_encoders as TE
+import train_state as TS
 import unet as U
 import vae as V
+from bench import made_on
 from conditioning import TENSORS
 from export import export_sd15_single_file
 from weights import save_atomic
@@ -55,16 +57,11 @@ tcfg = TM.PRESETS[("tiny_" if args.tiny else "") + ("flux_dev" if flux else "sd3
 tvae_cfg = V.PRESETS[("tiny_" if args.tiny else "") + ("flux" if flux else "sd3")]
 student_res, teacher_res = (64, 128) if args.tiny else (512, 1024)
 text_len = 512 if flux else 77 + (8 if args.tiny else 256)  # the pipelines' defaults: FLUX-dev T5 512; SD3 77 + 256
-cfg_scale = 1 if flux else 4.5  # distill.py: the SD3 real score runs with CFG (a doubled batch), FLUX-dev without
 
 
-def build(cls, cfg, dtype, device):  # made in place on the device, in the dtype (no fp32 copy of 12B parameters)
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            return cls(cfg)
-    finally:
-        torch.set_default_dtype(torch.float32)
+def build(cls, cfg, dtype, device):
+    with made_on(device, dtype):
+        return cls(cfg)
 
 
 # ----------------------------------------------------------------------------- random models and text, on disk
@@ -108,6 +105,8 @@ cmd = [sys.executable, "distill.py", "--student", str(student), "--teacher", str
 print(" ".join(cmd), flush=True)
 done = subprocess.run(cmd)
 records = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+ckpt = run / "checkpoint.safetensors"
+used = TS.read_config(ckpt) if ckpt.is_file() else {}  # the settings distill.py ran with (its defaults + ours + extra)
 for f in run.glob("*.safetensors"):  # random weights: the run's checkpoint and exports (~25 GB) only fill the disk
     f.unlink()
 if done.returncode:
@@ -128,15 +127,13 @@ def fwd_bwd(call):
     return f
 
 
-B, hs, ht = args.batch_size, student_res // 8, teacher_res // 8
-lora_rank = int(extra[extra.index("--lora-rank") + 1]) if "--lora-rank" in extra else (4 if args.tiny else 64)
-fsg = int(extra[extra.index("--fake-steps-per-gen") + 1]) if "--fake-steps-per-gen" in extra else 5
+B, hs, ht, fsg = used["batch_size"], student_res // 8, teacher_res // 8, used["fake_steps_per_gen"]
 with torch.device("meta"):
     unet, svae = U.UNet(unet_cfg), V.VAE(svae_cfg).requires_grad_(False)
     tm = TM.Flux(tcfg) if flux else TM.MMDiT(tcfg)
-    TM.add_lora(tm, lora_rank)
-    bridge = BR.Bridge(svae, tvae_cfg.latent_channels, teacher_res // student_res, *((32, 1) if args.tiny else
-                                                                                      (128, 2)))
+    TM.add_lora(tm, used["lora_rank"])
+    bridge = BR.Bridge(svae, tvae_cfg.latent_channels, teacher_res // student_res, used["bridge_width"],
+                       used["bridge_depth"])
     zs = torch.randn(B, 4, hs, hs, requires_grad=True)
     t, sctx = torch.full((B,), 999), torch.randn(B, 77, unet_cfg.context_dim)
     x, sigma = torch.randn(B, tvae_cfg.latent_channels, ht, ht), torch.rand(B)
@@ -147,7 +144,8 @@ with torch.device("meta"):
     f_t, fb_t = flops(call_t), flops(fwd_bwd(call_t))  # fb_t: backward reaches the input; weight grads: LoRA only
 # A generator iteration: student + Bridge forward and backward; the real score (x2 for CFG), the fake score, the
 # fake score's flow-matching update. A fake-only iteration: student + Bridge forward (no grad), the update.
-gen_flops = fb_unet + fb_bridge + (2 if cfg_scale > 1 else 1) * f_t + f_t + fb_t
+cfg_passes = 2 if not flux and used["cfg"] > 1 else 1  # distill.py: SD3's real score with CFG doubles the batch
+gen_flops = fb_unet + fb_bridge + cfg_passes * f_t + f_t + fb_t
 fake_flops = f_unet + f_bridge + fb_t
 
 # ----------------------------------------------------------------------------- report
