@@ -20,7 +20,7 @@ that training never runs the ~5B-parameter text encoders.
 import argparse
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
 
@@ -155,11 +155,15 @@ def load_teacher_text(teacher, text_encoders=None, t5_tokenizer=None, t5_length=
         raise CheckpointError(f"{root}: no {', '.join(missing)} found for the {family} teacher's text encoders")
     load = dict(dtype=dtype, device=device)
     t5_tok = T5Tokenizer.from_file(paths["t5_tok"]) if "t5" in need else None
-    return TeacherText(family, load_clip(paths["clip_l"], **load),
-                       load_clip(paths["clip_g"], **load) if family == "sd3" else None,
-                       load_t5(paths["t5"], **load) if "t5" in need else None,
-                       t5_tok, t5_length or (t5_tok and t5_tok.length) or default_length,
-                       find_clip_tokenizer(root), find_clip_tokenizer(root, pad_eos=False) if family == "sd3" else None)
+    tok_l, tok_g = find_clip_tokenizer(root), find_clip_tokenizer(root, pad_eos=False) if family == "sd3" else None
+    clip_l, clip_g = load_clip(paths["clip_l"], **load), load_clip(paths["clip_g"], **load) if family == "sd3" else None
+    # The pooled output is read at the first EOS, and the EOS id is the tokenizer's, not the weights' (49407 in
+    # CLIP's vocabulary; the toy world's own vocabulary has 4). Left at 49407, a toy pooled vector read position 0.
+    for clip, tok in ((clip_l, tok_l), (clip_g, tok_g)):
+        if clip is not None:
+            clip.cfg = replace(clip.cfg, eos_id=tok.eos_id)
+    return TeacherText(family, clip_l, clip_g, load_t5(paths["t5"], **load) if "t5" in need else None,
+                       t5_tok, t5_length or (t5_tok and t5_tok.length) or default_length, tok_l, tok_g)
 
 
 # --------------------------------------------------------------------------------------------------------- the cache

@@ -61,7 +61,7 @@ import train_state as TS
 import unet as U
 import vae as V
 from export import export_sd15_single_file
-from sample import ddim_sample, one_step_x0, to_uint8
+from sample import ddim_sample, one_step_x0, sd3_shift, to_uint8
 from tokenizer import find_clip_tokenizer
 from weights import Checkpoint, CheckpointError, find_component, load_state, save_atomic
 
@@ -145,7 +145,8 @@ g.add_argument("--gen-timestep", type=int, help="the one-step generator's timest
 g.add_argument("--cfg", type=float, help="SD3: CFG of the real score (uncond = the cached negative; 4.5)")
 g.add_argument("--guidance", type=float, default=3.5, help="FLUX.1-dev: embedded guidance (pipeline default)")
 g.add_argument("--sigma-range", nargs=2, type=float, help="unshifted sigma range of DMD (0.02 0.98)")
-g.add_argument("--shift", type=float, help="time shift (default: SD3 3.0, FLUX exp(mu) at --teacher-res)")
+g.add_argument("--shift", type=float, help="time shift (default: SD3 its scheduler config's or 3.0, FLUX exp(mu) "
+               "at --teacher-res)")
 g.add_argument("--bridge-lr", type=float, default=0.0, help="> 0: fine-tune the projector (with its rec. loss)")
 g.add_argument("--ema", type=float, help="EMA decay of the student (0.999); 0 = off")
 g.add_argument("--grad-clip", type=float, default=1.0)
@@ -325,9 +326,10 @@ if args.bridge_kind == "identity" and (scale, getattr(teacher.cfg, "in_channels"
                      f"= --student-res); {args.teacher} takes {teacher.cfg.in_channels} channels, scale {scale}")
 if args.bridge_lr > 0 and args.bridge_kind in ("exact", "identity"):
     raise UsageError(f"--bridge-lr: --bridge-kind {args.bridge_kind} has nothing to fine-tune")
-# The teacher's time shift: SD3 3.0 (scheduler config); FLUX exp(mu), mu linear in the packed token count L
-# (0.5 at 256, 1.15 at 4096: FluxPipeline calculate_shift).
-shift = args.shift or (3.0 if family == "sd3" else math.exp(0.5 + 0.65 * ((args.teacher_res // 16) ** 2 - 256) / 3840))
+# The teacher's time shift: SD3 its scheduler config's (3.0; the toy teacher's 12); FLUX exp(mu), mu linear in the
+# packed token count L (0.5 at 256, 1.15 at 4096: FluxPipeline calculate_shift).
+shift = args.shift or (sd3_shift(args.teacher) if family == "sd3" else
+                       math.exp(0.5 + 0.65 * ((args.teacher_res // 16) ** 2 - 256) / 3840))
 torch.manual_seed(args.seed)  # LoRA init: the same whether or not this run has just built the tiny models
 TM.add_lora(teacher, args.lora_rank)
 torch.manual_seed(args.seed)

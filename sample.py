@@ -14,7 +14,8 @@ as diffusers:
   SD 1.5  StableDiffusionPipeline + DDIMScheduler: DDIM, eta 0, classifier-free guidance (default 25 steps, cfg 7.5,
           512 px). SD 1.5 scheduler_config.json: scaled-linear betas 0.00085..0.012, "leading" spacing,
           steps_offset 1, set_alpha_to_one False.
-  SD3     StableDiffusion3Pipeline: Euler on flow time, shift 3.0, classifier-free guidance (28 steps, cfg 7.0).
+  SD3     StableDiffusion3Pipeline: Euler on flow time, shift 3.0 (or the scheduler config's: the toy teacher's
+          is 12), classifier-free guidance (28 steps, cfg 7.0).
   FLUX.1  FluxPipeline: Euler, resolution-dependent exponential shift; dev embeds --cfg as its guidance (28 steps,
           3.5, no negative prompt), schnell takes none (4 steps, no shift). Teachers default to 1024 px (at most
           what an SD3 model's position table covers: 128 px for the toy teacher).
@@ -158,6 +159,22 @@ def sd3_sigmas(steps: int, shift: float = 3.0) -> torch.Tensor:
     s = np.linspace(1.0, lo, steps)  # float64, as diffusers
     s = torch.from_numpy(shift * s / (1 + (shift - 1) * s)).float()
     return torch.cat([s, torch.zeros(1)])
+
+
+def sd3_shift(ckpt) -> float:
+    """An SD3 model's time shift: `shift` of its scheduler config (a pipeline's scheduler/scheduler_config.json, or a
+    scheduler_config.json beside a single file: the toy teacher's), else 3.0 (SD3 / SD3.5 release theirs with 3.0)."""
+    path = Path(ckpt)
+    config = path / "scheduler" / "scheduler_config.json" if path.is_dir() else path.with_name("scheduler_config.json")
+    if not config.is_file():
+        return 3.0
+    try:
+        shift = float(json.loads(config.read_text()).get("shift", 3.0))
+    except (ValueError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{config}: not a scheduler config with a numeric 'shift' ({e})") from None
+    if shift <= 0:
+        raise CheckpointError(f"{config}: shift must be > 0, found {shift}")
+    return shift
 
 
 def flux_mu(image_tokens: int) -> float:
@@ -369,7 +386,7 @@ def run(args) -> list[Path]:
         del text
         teacher = load_teacher(args.ckpt, dtype=dtype, device=device)
         if family == "sd3":
-            sigmas = sd3_sigmas(steps)
+            sigmas = sd3_sigmas(steps, sd3_shift(args.ckpt))
             latents = sample_flow(teacher, context, pooled, noise, sigmas, cfg=cfg if guided else None,
                                   progress=progress)
             params.update(sampler="euler", cfg=cfg)

@@ -26,9 +26,11 @@ Output, in the real layouts (fp16 storage):
                                             latent space, no VAE: it is the student's) + text_encoders/ of its own
   assets/toy/scores.json                    the judge's verdict on 200 prompts
 
-Teacher training time: SD3's logit-normal(0, 1) sigma (Esser et al. 2024, sec. 3.1), then shifted by 3.0
-(sigma' = 3 sigma / (1 + 2 sigma)), the shift sample.py's SD3 sampler uses, so training puts its weight where the
-sampler spends its steps. CFG dropout: 10% empty prompts for both models.
+Teacher training time: SD3's logit-normal(0, 1) sigma (Esser et al. 2024, sec. 3.1), then time-shifted
+(sigma' = k sigma / (1 + (k - 1) sigma)): k = 12 for the 16-channel teacher (TEACHER_SHIFT says why), 3.0 (SD3's)
+for the same-space one. The shift is saved as a scheduler_config.json beside each, and sample.py / distill.py sample
+and distill with it, so inference puts its steps where training put its weight. CFG dropout: 10% empty prompts for
+both models.
 
     python toy_train.py                          # everything (~50 min on 2 CPU cores: two chains in parallel)
     python toy_train.py --what vae_s,student     # parts: tokenizer, vae_s, vae_t, dec_s, dec_t, teacher, student,
@@ -58,7 +60,7 @@ import vae as V
 from teacher_mmdit import PRESETS as TEACHER_PRESETS
 from teacher_mmdit import MMDiT, load_teacher
 from text_encoders import PRESETS as CLIP_PRESETS
-from text_encoders import T5_PRESETS, CLIPTextModel, T5Encoder, load_clip, load_t5
+from text_encoders import T5_PRESETS, CLIPTextModel, T5Encoder, load_clip
 from tokenizer import BOS, EOS, CLIPTokenizer, T5Tokenizer
 from unet import PRESETS as UNET_PRESETS
 from unet import UNet, load_unet
@@ -87,8 +89,9 @@ VOCAB_SIZE = len(SPECIALS) + len(toy.VOCAB)
 # Head size 64 and quick GELU: what load_clip infers from a single file of width 64 (heads = width // 64).
 _CLIP = replace(CLIP_PRESETS["tiny_l"], vocab_size=VOCAB_SIZE, width=64, layers=2, heads=1, mlp=128)
 STUDENT_CLIP = _CLIP
-TEACHER_CLIP_L = replace(_CLIP, projection=64)  # SD3's clip_l.safetensors carries a text_projection
-TEACHER_CLIP_G = replace(_CLIP, projection=64)  # act stays quick GELU: the loader decides by width, not name
+# The pooled output is read at the toy vocabulary's EOS (id 4), as load_teacher_text sets it from the tokenizer.
+TEACHER_CLIP_L = replace(_CLIP, projection=64, eos_id=SPECIALS.index(EOS))  # SD3's clip_l carries a text_projection
+TEACHER_CLIP_G = replace(TEACHER_CLIP_L)  # act stays quick GELU: the loader decides by width, not name
 # sd3_conditioning pads CLIP-L ++ CLIP-G (64 + 64) to the T5 width: d_model 128 = the teacher's context_dim.
 TEACHER_T5 = replace(T5_PRESETS["tiny"], vocab_size=VOCAB_SIZE, d_model=128, layers=2, heads=2, d_kv=64, d_ff=256)
 # MMDiT rule: heads = depth, hidden = depth * head_dim = 128; MMDiT-X attn2 in blocks 0, 1; 8x8 patch grid.
@@ -102,6 +105,14 @@ STUDENT_CFG = replace(UNET_PRESETS["tiny"], model_channels=32, channel_mult=(1, 
                       context_dim=64)
 STUDENT_RES, TEACHER_RES = 64, 128
 
+# The 16-channel teacher's time shift, in training and at inference (its scheduler_config.json). SD3 trains and samples
+# 1024 px at shift 3.0 and prescribes larger shifts for larger latents (more numbers carry the same image, so the
+# image shows through more noise: SD3 paper, section 5.3.2, shift sqrt(m / n)). The toy teacher's latents hold 16x the
+# numbers of the same-space teacher's (16x16x16 vs 4x8x8), whose shift is 3: sqrt(16) * 3 = 12. Measured at shift 3: the
+# 16-channel teacher read the shape's position from x_t down to sigma 0.98 and had learned to ignore the position
+# words (their swap changed its loss by < 0.1% at every sigma), so it drew the shape wherever the noise put it.
+TEACHER_SHIFT = 12.0
+
 PLAN = dict(  # steps, batch, lr, data: sized for ~35-40 minutes on two shared CPU cores
     # 32 px crops (the VAEs are fully convolutional; attention only in the mid block, at 4x4 here)
     # whole 64 px images; 64 px crops around the shape at 128 px; the shape's pixels weigh 10x (see `foreground`)
@@ -109,9 +120,10 @@ PLAN = dict(  # steps, batch, lr, data: sized for ~35-40 minutes on two shared C
     vae_t=dict(steps=700, batch=8, lr=1e-3, n=1500, crop=64, fg_weight=10.0),
     dec_s=dict(steps=200, batch=8, lr=5e-4, n=1000, fg_weight=5.0),  # then the decoders alone, on whole images
     dec_t=dict(steps=100, batch=4, lr=5e-4, n=600, fg_weight=5.0),
-    teacher=dict(steps=3000, batch=24, lr=8e-4, n=1500, minutes=25),  # whichever ends first: steps or minutes
+    # whichever ends first: steps or minutes. shift: of the logit-normal training times (see TEACHER_SHIFT)
+    teacher=dict(steps=3000, batch=24, lr=8e-4, n=1500, minutes=25, shift=TEACHER_SHIFT),
     student=dict(steps=1500, batch=48, lr=6e-4, n=2000, minutes=8),
-    teacher_ss=dict(steps=3000, batch=24, lr=8e-4, n=2000, minutes=18),  # the same-space reference (README table)
+    teacher_ss=dict(steps=3000, batch=24, lr=8e-4, n=2000, minutes=18, shift=3.0),  # the same-space reference
 )
 # `--what all`: two chains in parallel, one per core (~45 and ~40 minutes): the teacher's, and the student's followed
 # by the same-space reference teacher's (which needs only the student's VAE).
@@ -383,8 +395,8 @@ def train_teacher(plan: dict, seed: int = 3, more: bool = False, same_space: boo
     log(f"teacher: {len(x0_all)} latents {tuple(x0_all.shape[1:])} std {x0_all.std():.3f} in {time.time() - t0:.0f}s")
     toks = tokenizers(TEXT_ENCODERS)
     if more:
-        model, clip_l, clip_g, t5 = load_teacher(TEACHER), load_clip(TEXT_ENCODERS / "clip_l.safetensors"), \
-            load_clip(TEXT_ENCODERS / "clip_g.safetensors"), load_t5(TEXT_ENCODERS / "t5xxl_fp16.safetensors")
+        text = C.load_teacher_text(TEACHER, TEXT_ENCODERS)  # CLIPs told the toy EOS id, as at inference
+        model, clip_l, clip_g, t5 = load_teacher(TEACHER), text.clip_l, text.clip_g, text.t5
         for m in (model, clip_l, clip_g, t5):
             m.train().requires_grad_(True)
     else:
@@ -403,7 +415,7 @@ def train_teacher(plan: dict, seed: int = 3, more: bool = False, same_space: boo
         x0 = x0_all[idx]
         context, pooled = sd3_text(clip_l, clip_g, t5, toks, captions([scenes[i] for i in idx], rng))
         sigma = torch.sigmoid(torch.randn(len(idx), generator=g))  # logit-normal(0, 1) (SD3)
-        sigma = 3 * sigma / (1 + 2 * sigma)  # shift 3.0, as sample.sd3_sigmas
+        sigma = plan["shift"] * sigma / (1 + (plan["shift"] - 1) * sigma)  # time shift, as sample.sd3_sigmas
         noise = torch.randn(x0.shape, generator=g)
         s = sigma[:, None, None, None]
         v = model((1 - s) * x0 + s * noise, sigma, context, pooled)
@@ -422,6 +434,9 @@ def train_teacher(plan: dict, seed: int = 3, more: bool = False, same_space: boo
         save_atomic(half(model.state_dict(), "model.diffusion_model."), SAME_SPACE)
     else:
         merge_save(TEACHER, half(model.state_dict(), "model.diffusion_model."), ("model.diffusion_model.",))
+    # Its time shift, where sample.sd3_shift (sample.py, distill.py) finds it: as a diffusers scheduler config.
+    (SAME_SPACE if same_space else TEACHER).with_name("scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": plan["shift"]}, indent=1) + "\n")
     info = {"seconds": round(time.time() - t0), "params": sum(p.numel() for p in model.parameters()),
             "text_params": sum(p.numel() for m in mods[1:] for p in m.parameters()), **plan}
     log(f"teacher done: {info}")
@@ -555,10 +570,11 @@ def teacher_images(prompts, steps: int = 28, cfg: float = 5.0, seed: int = 0, ba
     for i in range(0, len(prompts), batch):
         p = prompts[i:i + batch]
         g = torch.Generator().manual_seed(seed + i)
-        res = TEACHER_RES if teacher.cfg.in_channels == 16 else STUDENT_RES
+        res, path = (TEACHER_RES, TEACHER) if teacher.cfg.in_channels == 16 else (STUDENT_RES, SAME_SPACE)
         noise = torch.randn(len(p), teacher.cfg.in_channels, res // 8, res // 8, generator=g)
         context, pooled = text([""] * len(p) + p)
-        x = sample.sample_flow(teacher, context, pooled, noise, sample.sd3_sigmas(steps), cfg=cfg, progress=False)
+        sigmas = sample.sd3_sigmas(steps, sample.sd3_shift(path))
+        x = sample.sample_flow(teacher, context, pooled, noise, sigmas, cfg=cfg, progress=False)
         out.append(vae.decode(x).clamp(-1, 1))
     return torch.cat(out)
 

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import conditioning as C
 from text_encoders import load_clip, load_t5
@@ -214,3 +214,28 @@ def test_cli_bad_inputs(root, tmp_path, capsys):
     assert not (tmp_path / "x.safetensors").exists()
     with pytest.raises(Exception, match="not a text cache"):
         C.load_text_cache(root / "text_encoder" / "model.safetensors")
+
+
+def test_pooled_is_read_at_the_tokenizers_eos():
+    """A CLIP's pooled output is its state at the first EOS of the TOKENIZER's vocabulary (the toy world's id 4, not
+    CLIP's 49407): the committed toy teacher's CLIP-L / CLIP-G against transformers told eos_token_id = 4. Read at
+    CLIP's 49407, which the toy ids never contain, every prompt pooled the same state (position 0)."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    import toy_train as T
+    text = C.load_teacher_text(T.TEACHER, T.TEXT_ENCODERS)
+    prompts = ["a small red circle on a blue background, top left", "upper right: a big green ring, black background"]
+    _, pooled = text(prompts)
+    for i, (clip, tok, name) in enumerate(((text.clip_l, text.tok_l, "clip_l"), (text.clip_g, text.tok_g, "clip_g"))):
+        c = clip.cfg
+        assert tok.eos_id == 4 and c.eos_id == 4
+        hf = CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=c.vocab_size, hidden_size=c.width, intermediate_size=c.mlp, num_hidden_layers=c.layers,
+            num_attention_heads=c.heads, max_position_embeddings=c.max_positions, hidden_act=c.act,
+            projection_dim=c.projection, eos_token_id=4, bos_token_id=3, pad_token_id=0)).eval()
+        hf.load_state_dict({k: v.float() for k, v in load_file(T.TEXT_ENCODERS / f"{name}.safetensors").items()})
+        with torch.no_grad():
+            want = hf(tok.encode(prompts)).text_embeds
+        got = pooled[:, i * c.projection:(i + 1) * c.projection]
+        assert rel(got, want) < 1e-5, name
+        assert (got[0] - got[1]).norm() > 0.1 * got[0].norm(), f"{name}: the pooled output ignores the prompt"

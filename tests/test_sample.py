@@ -193,6 +193,25 @@ def test_flow_sigmas_match_diffusers(steps):
         assert torch.equal(ours, ref.sigmas), (tokens, ours, ref.sigmas)
 
 
+def test_sd3_shift_from_the_scheduler_config(tmp_path):
+    """An SD3 model's shift comes from its scheduler config as diffusers saves it (a pipeline's scheduler/, or beside a
+    single file: the toy teacher's 12), and the sigmas then match diffusers' with that shift; none: 3.0."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from weights import CheckpointError
+    ref = FlowMatchEulerDiscreteScheduler(**(SD3_SCHEDULER | {"shift": 12.0}))
+    ref.save_config(tmp_path / "pipe" / "scheduler")
+    ref.save_config(tmp_path / "single")  # scheduler_config.json beside single.safetensors
+    for ckpt in (tmp_path / "pipe", tmp_path / "single" / "model.safetensors"):
+        assert sample.sd3_shift(ckpt) == 12.0
+    ref.set_timesteps(28)
+    assert torch.equal(sample.sd3_sigmas(28, sample.sd3_shift(tmp_path / "pipe")), ref.sigmas)
+    assert sample.sd3_shift(tmp_path / "elsewhere.safetensors") == 3.0
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "scheduler_config.json").write_text('{"shift": "a lot"}')
+    with pytest.raises(CheckpointError, match="bad/scheduler_config.json"):
+        sample.sd3_shift(tmp_path / "bad" / "model.safetensors")
+
 def _hf_clip(act, projection, seed):
     """A tiny CLIP text tower with the real vocabulary; head size 64 as the real ones (single files carry no head
     count)."""

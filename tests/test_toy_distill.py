@@ -4,8 +4,8 @@ run with the DMD gradient's sign flipped, or with the student's latent reaching 
 the student), does NOT reach the margin.
 
 The score is the judge's accuracy on the shape's colour: the attribute that the committed toy teacher gets right
-(0.95) and the base one-step student does not (0.29). The teacher is near chance on position and shape (README), so
-its fully-satisfied share, and any student's, is near zero and can't show a gain.
+(0.98) and the base one-step student does not (0.295). The teacher is weak on position (0.40) and shape (0.27; README),
+so its fully-satisfied share (0.06), and any student's, is too small to show a gain.
 
 Stage 1 is not repeated here: the runs start from the toy preset's trained projector (assets/toy/distilled/
 bridge.safetensors, what `python distill.py` wrote) and share one text cache, so the three runs cost only stage 2."""
@@ -35,8 +35,9 @@ GEN_T = 800  # the toy preset's --gen-timestep: the base student is judged as th
 N_EVAL = 200  # fixed prompts (seed 777, those of assets/toy/scores.json) and noises (seed 0)
 RUN = ["--steps", "60", "--fake-steps-per-gen", "1", "--ema", "0", "--eval", "0", "--ckpt-every", "1000",
        "--sample-every", "1000"]
-# The pre-stated margin on the colour-accuracy gain (after - before, on N_EVAL prompts). Calibration (this RUN): the
-# correct run gains 0.225 (0.29 -> 0.515); a detached Bridge gains exactly 0 (no gradient reaches the student).
+# The pre-stated margin on the colour-accuracy gain (after - before, on N_EVAL prompts). Calibration (this RUN, the
+# teacher trained at shift 12): the correct run gains 0.285 (0.295 -> 0.58), the flipped sign -0.105 (-> 0.19); a
+# detached Bridge gains exactly 0 (no gradient reaches the student).
 MARGIN = 0.10
 
 

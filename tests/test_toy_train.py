@@ -32,8 +32,9 @@ def test_checkpoints_load_with_the_tiny_configs():
     assert load_vae(T.TEACHER).cfg == T.VAE_T  # an SD3.5 single file: the family comes from its keys
     teacher = load_teacher(T.TEACHER)
     assert replace(teacher.cfg, variant="toy_sd35") == T.TEACHER_CFG
-    assert load_clip(T.TEXT_ENCODERS / "clip_l.safetensors").cfg == T.TEACHER_CLIP_L
-    assert load_clip(T.TEXT_ENCODERS / "clip_g.safetensors").cfg == T.TEACHER_CLIP_G
+    text = C.load_teacher_text(T.TEACHER, T.TEXT_ENCODERS)  # a file holds no EOS id: the tokenizer.json gives it
+    assert text.clip_l.cfg == T.TEACHER_CLIP_L and text.clip_g.cfg == T.TEACHER_CLIP_G
+    assert load_clip(T.TEXT_ENCODERS / "clip_l.safetensors").cfg == replace(T.TEACHER_CLIP_L, eos_id=49407)
     assert load_t5(T.TEXT_ENCODERS / "t5xxl_fp16.safetensors").cfg == T.TEACHER_T5
     same_space = load_teacher(T.SAME_SPACE)  # the README table's reference: the teacher's structure, 4 channels
     assert replace(same_space.cfg, variant="toy_sd35_4ch") == T.SAME_SPACE_CFG and same_space.latent_channels == 4
