@@ -623,6 +623,8 @@ for step in (bar := tqdm(range(start, args.steps), desc="stage 2: distill", disa
         save_checkpoint(step + 1)
     if master and ((step + 1) % args.sample_every == 0 or step + 1 == args.steps):
         save_grid(step + 1)
+        if args.eval and step + 1 < args.steps:  # the judge's curve (toy preset); the final score is printed below
+            log({"stage": "judge_step", "step": step + 1, "student": judge_scores(model)})
 
 # ----------------------------------------------------------------------------- export
 if master:

@@ -3,9 +3,9 @@ distill.py --preset toy raises the one-step student's judge score by at least MA
 run with the DMD gradient's sign flipped, or with the student's latent reaching the Bridge detached (no gradient into
 the student), does NOT reach the margin.
 
-The score is the judge's accuracy on the shape's colour: the attribute that the committed toy teacher gets right
-(0.98) and the base one-step student does not (0.295). The teacher is weak on position (0.40) and shape (0.27; README),
-so its fully-satisfied share (0.06), and any student's, is too small to show a gain.
+The score is the judge's accuracy on the background colour (METRIC): the committed toy teacher gets it right (0.985)
+and the base student's one step, as the generator starts (t = 800, no CFG), does not (0.29). Fully satisfied moves too
+little in 60 iterations to tell a gain from noise (README: 0.015 -> 0.08 after 500).
 
 Stage 1 is not repeated here: the runs start from the toy preset's trained projector (assets/toy/distilled/
 bridge.safetensors, what `python distill.py` wrote) and share one text cache, so the three runs cost only stage 2."""
@@ -35,10 +35,11 @@ GEN_T = 800  # the toy preset's --gen-timestep: the base student is judged as th
 N_EVAL = 200  # fixed prompts (seed 777, those of assets/toy/scores.json) and noises (seed 0)
 RUN = ["--steps", "60", "--fake-steps-per-gen", "1", "--ema", "0", "--eval", "0", "--ckpt-every", "1000",
        "--sample-every", "1000"]
-# The pre-stated margin on the colour-accuracy gain (after - before, on N_EVAL prompts). Calibration (this RUN, the
-# teacher trained at shift 12): the correct run gains 0.285 (0.295 -> 0.58), the flipped sign -0.105 (-> 0.19); a
-# detached Bridge gains exactly 0 (no gradient reaches the student).
-MARGIN = 0.10
+# The pre-stated margin on the METRIC gain (after - before, on N_EVAL prompts), set before calibrating. Calibration
+# (this RUN, the models of the README table): the correct run gains 0.675 (0.29 -> 0.965; fully satisfied 0.015 ->
+# 0.065), the flipped sign -0.17 (-> 0.12); a detached Bridge gains exactly 0 (no gradient reaches the student).
+MARGIN = 0.20
+METRIC = "background"
 
 
 @torch.no_grad()
@@ -92,7 +93,7 @@ def test_distillation_gain(method, base, shared, tmp_path, monkeypatch):
     {"correct": lambda m: None, "dmd_sign_flipped": break_dmd_sign, "bridge_detached": detach_bridge_input}[method](
         monkeypatch)
     after = judge(distill(tmp_path, *shared, *RUN))
-    gain = after["color"] - base["color"]
+    gain = after[METRIC] - base[METRIC]
     print(json.dumps({"method": method, "before": base, "after": after, "gain": gain}))
     if method == "correct":
         assert gain >= MARGIN, (base, after)

@@ -4,6 +4,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -91,3 +92,25 @@ def test_teacher_beats_the_students_one_step():
     s = judge.score(prompts, T.student_images(prompts, steps=1))
     mean = lambda r: sum(r[k] for k in attrs) / len(attrs)  # noqa: E731
     assert mean(t) > mean(s) + 0.1 and t["background"] >= 0.9, (t, s)
+
+
+def test_student_text_encoder_says_what_the_caption_says():
+    """The student's frozen CLIP (pretrain_student_text) carries every attribute, background colour included, in its
+    EOS state: a linear probe fitted on 600 captions reads each one from 400 others at >= 90% (the CLIP trained
+    jointly with the UNet, before, gave the background 34%: it never bound a colour to the word "background")."""
+    clip, tok = load_clip(T.STUDENT), CLIPTokenizer.from_file(T.STUDENT.parent / "tokenizer.json")
+    rng, scenes = np.random.default_rng(0), toy.sample_scenes(1000, 31)
+    ids = tok.encode([toy.caption(s, rng) for s in scenes])
+    with torch.no_grad():
+        h = clip(ids).last_hidden_state[torch.arange(len(ids)), (ids == tok.eos_id).int().argmax(1)]  # (N, width)
+    torch.manual_seed(0)
+    for k, values in toy.ATTRIBUTES.items():
+        y = torch.tensor([values.index(getattr(s, k)) for s in scenes])
+        probe = torch.nn.Linear(h.shape[1], len(values))
+        opt = torch.optim.Adam(probe.parameters(), lr=1e-2)
+        for _ in range(300):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(probe(h[:600]), y[:600]).backward()
+            opt.step()
+        acc = (probe(h[600:]).argmax(1) == y[600:]).float().mean().item()
+        assert acc >= 0.9, (k, acc)
