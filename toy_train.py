@@ -405,6 +405,8 @@ def train_teacher(plan: dict, seed: int = 3, more: bool = False, same_space: boo
     if more:
         text = C.load_teacher_text(TEACHER, TEXT_ENCODERS)  # CLIPs told the toy EOS id, as at inference
         model, clip_l, clip_g, t5 = load_teacher(TEACHER).train(), text.clip_l, text.clip_g, text.t5
+        for m in (clip_l, clip_g, t5):
+            m.eval().requires_grad_(False)  # frozen, as SD3's (pretrain_text freezes fresh ones)
     else:
         model, clip_l, clip_g, t5 = MMDiT(SAME_SPACE_CFG if same_space else TEACHER_CFG), \
             CLIPTextModel(TEACHER_CLIP_L), CLIPTextModel(TEACHER_CLIP_G), T5Encoder(TEACHER_T5)
@@ -416,8 +418,6 @@ def train_teacher(plan: dict, seed: int = 3, more: bool = False, same_space: boo
             return h, torch.ones(h.shape[:2])
         pretrain_text([clip_l, clip_g, t5], readout, TEACHER_CFG.context_dim, plan, seed, "teacher")
     mods = [model, clip_l, clip_g, t5]
-    for m in mods[1:]:
-        m.eval().requires_grad_(False)  # frozen, as SD3's
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=plan["lr"], weight_decay=0.01)
     rng, g = np.random.default_rng(seed + 10 * more), torch.Generator().manual_seed(seed + 10 * more)

@@ -95,7 +95,7 @@ def test_teacher_beats_the_students_one_step():
 
 
 def test_student_text_encoder_says_what_the_caption_says():
-    """The student's frozen CLIP (pretrain_student_text) carries every attribute, background colour included, in its
+    """The student's frozen CLIP (toy_train.pretrain_text) carries every attribute, background colour included, in its
     EOS state: a linear probe fitted on 600 captions reads each one from 400 others at >= 90% (the CLIP trained
     jointly with the UNet, before, gave the background 34%: it never bound a colour to the word "background")."""
     clip, tok = load_clip(T.STUDENT), CLIPTokenizer.from_file(T.STUDENT.parent / "tokenizer.json")
