@@ -404,7 +404,8 @@ def train_teacher(plan: dict, seed: int = 3, more: bool = False, same_space: boo
     toks = tokenizers(TEXT_ENCODERS)
     if more:
         text = C.load_teacher_text(TEACHER, TEXT_ENCODERS)  # CLIPs told the toy EOS id, as at inference
-        model, clip_l, clip_g, t5 = load_teacher(TEACHER).train(), text.clip_l, text.clip_g, text.t5
+        model, clip_l, clip_g, t5 = load_teacher(TEACHER), text.clip_l, text.clip_g, text.t5
+        model.train().requires_grad_(True)
         for m in (clip_l, clip_g, t5):
             m.eval().requires_grad_(False)  # frozen, as SD3's (pretrain_text freezes fresh ones)
     else:
