@@ -147,7 +147,8 @@ g.add_argument("--guidance", type=float, default=3.5, help="FLUX.1-dev: embedded
 g.add_argument("--sigma-range", nargs=2, type=float, help="unshifted sigma range of DMD (0.02 0.98)")
 g.add_argument("--shift", type=float, help="time shift (default: SD3 its scheduler config's or 3.0, FLUX exp(mu) "
                "at --teacher-res)")
-g.add_argument("--bridge-lr", type=float, default=0.0, help="> 0: fine-tune the projector (with its rec. loss)")
+g.add_argument("--bridge-lr", type=float, default=0.0,
+               help="> 0: fine-tune the projector, on its reconstruction of the current samples only")
 g.add_argument("--ema", type=float, help="EMA decay of the student (0.999); 0 = off")
 g.add_argument("--grad-clip", type=float, default=1.0)
 g.add_argument("--weight-decay", type=float, default=0.01)
@@ -597,8 +598,11 @@ for step in (bar := tqdm(range(start, args.steps), desc="stage 2: distill", disa
             with amp():
                 loss_b = BR.reconstruction_loss(to_teacher(z_s.detach()), exact(z_s.detach()))
         rec |= check_finite(step, loss_gen=loss_g, **({"loss_rec": loss_b} if args.bridge_lr > 0 else {}))
-        (loss_g + args.rec_weight * loss_b).backward()
-        all_reduce_grads(to_teacher.parameters()) if args.bridge_lr > 0 else None
+        loss_g.backward()
+        if args.bridge_lr > 0:  # the projector learns from its reconstruction ONLY: the DMD gradient would teach it
+            to_teacher.zero_grad(set_to_none=True)  # to flatter the student (to map its samples nearer the teacher's
+            (args.rec_weight * loss_b).backward()  # data than they are) instead of the student to improve
+            all_reduce_grads(to_teacher.parameters())
         rec["grad_norm_gen"] = TS.full(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)).item()
         for name in ("student", "projector"):
             if name in optimizers:

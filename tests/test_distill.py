@@ -191,6 +191,21 @@ def test_images_then_nan_guard(main_run, tmp_path):
     assert not (out / "student.safetensors").exists()
 
 
+def test_projector_learns_from_reconstruction_only(main_run, tmp_path):
+    """--bridge-lr fine-tunes the projector on its reconstruction loss alone. The DMD loss back-propagates through it
+    to the student, but must not train it (it would learn to flatter the student's samples): with the
+    reconstruction weighted 0 it stays bit-identical to stage 1's, with weight 1 it moves."""
+    main, _ = main_run
+    ref, moved = load_file(main / "bridge.safetensors"), {}
+    for w in ("0", "1"):
+        rc, _, err = run(explicit(main, tmp_path / w, "--steps", "2", "--fake-steps-per-gen", "1", "--bridge-lr",
+                                  "1e-2", "--rec-weight", w))
+        assert rc == 0, err[-2000:]
+        tuned = load_file(tmp_path / w / "bridge.safetensors")
+        moved[w] = max((tuned[k] - ref[k]).abs().max().item() for k in ref)
+    assert moved["0"] == 0.0 and moved["1"] > 1e-3, moved
+
+
 def in_process(args, capsys):
     """(exit code, stderr) of the script run here: the quick way for most bad-input cases (no torch import);
     an escaping exception goes to the script's own sys.excepthook, as the interpreter would send it."""
