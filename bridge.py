@@ -239,3 +239,30 @@ def dmd_generator_loss(x, x0_real, x0_fake):
     w = (x - x0_real.float()).abs().mean(dim=tuple(range(1, x.ndim)), keepdim=True).detach()
     grad = torch.nan_to_num((x0_fake.float() - x0_real.float()) / w).detach()
     return 0.5 * F.mse_loss(x, (x - grad).detach())
+
+
+# ----------------------------------------------------------------------------- DMD2's GAN term (optional)
+class RealismHead(nn.Module):
+    """DMD2's GAN classifier: one logit per sample, 'a real image of this prompt', read from the image tokens of the
+    FAKE score network at one block. DMD2 puts a small conv head on the fake UNet's bottleneck; a transformer has
+    tokens, so CHOICE: a per-token MLP whose logits are averaged over the tokens. The tokens have attended to the
+    prompt in the joint blocks, so the classifier is conditional: a right image for the wrong prompt reads fake."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, dim)
+        self.fc2 = nn.Linear(dim, 1)
+
+    def forward(self, tokens):  # (B, N_img, C) -> (B,); fp32 (a few thousand FLOPs per token)
+        return self.fc2(F.silu(self.fc1(self.norm(tokens.float())))).mean((1, 2))
+
+
+def gan_generator_loss(logit_fake):
+    """Non-saturating GAN loss of the generator (DMD2): softplus(-logit) = -log sigmoid(logit)."""
+    return F.softplus(-logit_fake.float()).mean()
+
+
+def gan_critic_loss(logit_real, logit_fake):
+    """The classifier's logistic loss (DMD2): real -> 1, generated -> 0."""
+    return F.softplus(logit_fake.float()).mean() + F.softplus(-logit_real.float()).mean()

@@ -18,7 +18,8 @@ kind of latent the generator makes), targets z_T* = bridge_target(z_S) computed 
 projector learns reconstruction + attention fidelity; the report gives held-out MSE vs a NaiveBridge and ms/sample vs
 the exact decode-resize-encode path. Stage 2: generator = the SD 1.5 UNet, one step from pure noise at t = 999;
 z_T = Bridge(z_S); real score = frozen teacher (LoRA off, CFG / embedded guidance), fake score = teacher + LoRA
-trained by flow matching on detached z_T, `--fake-steps-per-gen` fake updates per generator update (DMD2).
+trained by flow matching on detached z_T, `--fake-steps-per-gen` fake updates per generator update (DMD2); optionally
+DMD2's GAN term (--gan-weight, real images from --real-images; off by default).
 
 Memory, SD 1.5 + SD3.5-Medium at 1024 px on one 80 GB GPU (defaults: batch 2, bf16 autocast, grad checkpointing):
 teacher 2.47B params in bf16 = 4.9 GB; LoRA rank 64 = 82M fp32 params + grads + AdamW = 1.3 GB; student UNet 0.86B
@@ -149,6 +150,20 @@ g.add_argument("--shift", type=float, help="time shift (default: SD3 its schedul
                "at --teacher-res)")
 g.add_argument("--bridge-lr", type=float, default=0.0,
                help="> 0: fine-tune the projector, on its reconstruction of the current samples only")
+# DMD2's GAN term: a classifier on the fake score's image tokens tells real teacher-space latents (--real-images, or
+# the toy world's renders of the training prompts) from the bridged samples, both noised alike (DMD2's "diffusion
+# GAN"); the generator's loss adds --gan-weight x its non-saturating GAN loss. Real data is what lets DMD2's student
+# beat its teacher; without it, DMD can only match the teacher's distribution. CHOICE: the GAN's noise levels are
+# U(lo, hi) of --sigma-range shifted by --gan-shift (1: uniform, as DMD2's uniform timesteps), not by the teacher's
+# shift: the toy teacher's 12 puts most levels above sigma 0.85, where a classifier trained offline on the toy's
+# real and distilled latents stayed at chance (loss 1.32 after 300 steps, against 0.51 with sigma in 0.1-0.9).
+g.add_argument("--gan-weight", type=float, default=0.0,
+               help="the generator's GAN loss weight (DMD2: 1e-3 for SD 1.5, 5e-3 for SDXL); 0 = off")
+g.add_argument("--gan-critic-weight", type=float, default=1e-2, help="the classifier's loss weight (DMD2: 1e-2)")
+g.add_argument("--gan-block", type=float, default=0.5, help="the teacher block (fraction of depth) it reads")
+g.add_argument("--gan-shift", type=float, default=1.0, help="time shift of the GAN's noise levels (1 = none)")
+g.add_argument("--real-images", help="--gan-weight > 0: folder of images, each with a NAME.txt caption that is one "
+               "line of --prompts (the toy preset renders its prompts instead)")
 g.add_argument("--ema", type=float, help="EMA decay of the student (0.999); 0 = off")
 g.add_argument("--grad-clip", type=float, default=1.0)
 g.add_argument("--weight-decay", type=float, default=0.01)
@@ -195,15 +210,25 @@ for k in ("latents", "held_out", "bridge_batch", "batch_size", "lora_rank", "fak
         raise UsageError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(args, k)}")
 if args.student_res % 64 or args.teacher_res % 16 or not 0 < args.sigma_range[0] < args.sigma_range[1] < 1:
     raise UsageError("--student-res must be a multiple of 64, --teacher-res of 16, 0 < --sigma-range lo < hi < 1")
+if not 0 <= args.gan_block <= 1:
+    raise UsageError(f"--gan-block is a fraction of the teacher's depth, in [0, 1]; got {args.gan_block}")
 if args.held_out >= args.latents:
     raise UsageError(f"--held-out {args.held_out} must be below --latents {args.latents}")
 prompts = C.read_prompts(args.prompts) if args.prompts else None  # bad prompt files fail before anything is written
+image_files = lambda d: sorted(f for f in Path(d).glob("*") if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
 if args.images:
-    files = sorted(f for f in Path(args.images).glob("*") if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
-    files = files[:args.latents]
+    files = image_files(args.images)[:args.latents]
     if len(files) <= args.held_out:
         raise UsageError(f"--images {args.images}: {len(files)} images (png/jpg/webp), need more than --held-out "
                          f"{args.held_out}")
+if args.gan_weight > 0 and args.preset != "toy":
+    if not args.real_images:
+        raise UsageError("--gan-weight > 0 needs real images: --real-images DIR (the toy preset renders its own)")
+    real_files = image_files(args.real_images)
+    no_caption = [f.name for f in real_files if not f.with_suffix(".txt").is_file()]
+    if not real_files or no_caption:
+        raise UsageError(f"--real-images {args.real_images}: " + (f"no caption NAME.txt for {no_caption[:3]}"
+                         if real_files else "no png/jpg/webp images"))
 
 # ----------------------------------------------------------------------------- processes, output folder, resume check
 t_start, ddp = time.time(), int(os.environ.get("RANK", -1)) != -1
@@ -341,6 +366,7 @@ naive = BR.NaiveBridge(4, ct, scale).to(device)  # stage 1's baseline (trained b
 # the checkpoint's "projector".
 to_teacher = {"bridge": bridge, "naive": naive, "exact": BR.ExactPath(svae, tvae, (ht, ht)),
               "identity": torch.nn.Identity()}[args.bridge_kind]
+head = BR.RealismHead(teacher.cfg.hidden).to(device) if args.gan_weight > 0 else None  # DMD2's GAN classifier
 if args.grad_ckpt:
     model.gradient_checkpointing = teacher.gradient_checkpointing = svae.decoder.gradient_checkpointing = True
 ema = copy.deepcopy(model).requires_grad_(False) if args.ema > 0 else None
@@ -367,6 +393,7 @@ state = TS.read_state(ckpt_path) if args.resume else None
 if args.resume:  # weights now (LoRA before sharding); optimizer and RNG states once those exist
     model.load_state_dict(state.part("student."))
     to_teacher.load_state_dict(state.part("projector."))
+    head.load_state_dict(state.part("critic.")) if head is not None else None
     ema.load_state_dict(state.part("ema.")) if ema is not None else None
     missing = teacher.load_state_dict(state.part("lora."), strict=False).missing_keys
     if any(".lora_" in k for k in missing):
@@ -383,6 +410,13 @@ lora = [(n, p) for n, p in teacher.named_parameters() if p.requires_grad]  # aft
 guided = teacher.takes_guidance  # FLUX.1-dev
 guid = lambda n: torch.full((n,), args.guidance, device=device) if guided else None
 ctx_of = lambda idx: (cache.teacher_context[idx].to(device), cache.teacher_pooled[idx].to(device))
+
+
+def load_image(f, res):  # centre crop, resize, [-1, 1]
+    im = Image.open(f).convert("RGB")
+    s, (w, h) = min(im.size), im.size
+    im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)).resize((res, res), Image.BICUBIC)
+    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 127.5 - 1
 
 
 def mine(t):
@@ -419,16 +453,9 @@ if not args.resume and not args.bridge and args.bridge_kind in ("bridge", "naive
         gen = torch.Generator().manual_seed(args.seed + 1)
         if args.images:
             pidx = torch.arange(len(files)) % len(cache.prompts)  # CHOICE: uncaptioned images probe with any prompt
-
-            def load_image(f):  # centre crop, resize to the student resolution, [-1, 1]
-                im = Image.open(f).convert("RGB")
-                s, (w, h) = min(im.size), im.size
-                im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-                im = im.resize((args.student_res,) * 2, Image.BICUBIC)
-                return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 127.5 - 1
-
             with torch.no_grad(), amp():
-                z_s = torch.cat([svae.encode(torch.stack([load_image(f) for f in files[i:i + 8]]).to(device, dt))
+                z_s = torch.cat([svae.encode(torch.stack([load_image(f, args.student_res) for f in files[i:i + 8]]
+                                                         ).to(device, dt))
                                  for i in range(0, len(files), 8)]).float()
         else:  # the base student's own samples: DDIM, few steps, CFG (cheap; one batch of 8 at a time)
             pidx = torch.randint(len(cache.prompts), (args.latents,), generator=gen)
@@ -518,6 +545,30 @@ if ddp:
 to_teacher.requires_grad_(args.bridge_lr > 0)
 optimizers = {"student": torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay),
               "lora": torch.optim.AdamW([q for _, q in lora], lr=args.fake_lr, weight_decay=args.weight_decay)}
+if head is not None:  # real teacher-space latents and their prompts (indices into the text cache), on the CPU
+    if args.preset == "toy":  # the world itself: a fresh render of every training prompt
+        import toy
+        real_pidx = torch.arange(len(cache.prompts))
+        loads = [lambda i=i: toy.render([replace(toy.parse_prompt(cache.prompts[i]), jitter=i)], args.teacher_res)[0]
+                 for i in range(len(cache.prompts))]
+    else:
+        index = {q: i for i, q in enumerate(cache.prompts)}
+        captions = [f.with_suffix(".txt").read_text().strip() for f in real_files]
+        if unknown := [f.name for f, c in zip(real_files, captions, strict=True) if c not in index]:
+            raise UsageError(f"--real-images {args.real_images}: the captions of {unknown[:3]} are not lines of "
+                             f"--prompts {args.prompts} (the text cache has only those)")
+        real_pidx = torch.tensor([index[c] for c in captions])
+        loads = [lambda f=f: load_image(f, args.teacher_res) for f in real_files]
+    with torch.no_grad(), amp():  # 8 at a time: never all images in memory
+        real_z = torch.cat([tvae.encode(torch.stack([f() for f in loads[i:i + 8]]).to(device, dt)).float().cpu()
+                            for i in range(0, len(loads), 8)])
+    # The classifier reads the image tokens that come out of one block of the fake score (teacher + LoRA)
+    taps = getattr(raw_teacher, "joint_blocks", None) or raw_teacher.double_blocks
+    tap_block = BR.resolve_blocks((args.gan_block,), len(taps))[0]
+    features = {}
+    taps[tap_block].register_forward_hook(lambda m, inputs, out: features.__setitem__("img", out[1]))
+    # its own optimizer (and clipping): under --fsdp the LoRA weights are DTensors, the head's are not
+    optimizers["critic"] = torch.optim.AdamW(head.parameters(), lr=args.fake_lr, weight_decay=args.weight_decay)
 if args.bridge_lr > 0:
     optimizers["projector"] = torch.optim.AdamW(to_teacher.parameters(), lr=args.bridge_lr, weight_decay=0.0)
 gen = torch.Generator().manual_seed(args.seed + 3)  # every random draw of the loop: saved in the checkpoint
@@ -525,6 +576,7 @@ gen = torch.Generator().manual_seed(args.seed + 3)  # every random draw of the l
 
 def save_checkpoint(step):  # a collective under FSDP (LoRA and optimizer states are gathered): every rank calls it
     parts = {"student": model.state_dict(), "projector": to_teacher.state_dict(), "lora": dict(lora)}
+    parts |= {"critic": head.state_dict()} if head is not None else {}
     TS.save_state(ckpt_path, step, config, parts | ({"ema": ema.state_dict()} if ema is not None else {}), optimizers,
                   {"data": gen}, write=master, metadata={"student": args.student})
 
@@ -593,12 +645,22 @@ for step in (bar := tqdm(range(start, args.steps), desc="stage 2: distill", disa
                     v_real = teacher(x, sigma, t_ctx, t_pooled, guid(B))
             v_fake = teacher(x, sigma, t_ctx, t_pooled, guid(B))  # fake score: teacher + LoRA
         loss_g = BR.dmd_generator_loss(z_t, BR.x0_from_v(x, sigma, v_real), BR.x0_from_v(x, sigma, v_fake))
+        loss_gan = torch.zeros((), device=device)
+        if head is not None:  # the generator's GAN loss: the classifier on its own noised samples, grads to z_t
+            g_sigma = mine(BR.sample_sigmas(G, lo, hi, args.gan_shift, generator=gen))
+            with amp():  # the raw teacher: this pass's LoRA / head gradients are dropped below (no DDP sync wanted)
+                raw_teacher(BR.add_noise(z_t, mine(torch.randn((G, ct, ht, ht), generator=gen)), g_sigma), g_sigma,
+                            t_ctx, t_pooled, guid(B))
+                loss_gan = BR.gan_generator_loss(head(features.pop("img")))
         loss_b = torch.zeros((), device=device)
         if args.bridge_lr > 0:  # keep the fine-tuned projector faithful: its reconstruction on these samples
             with amp():
                 loss_b = BR.reconstruction_loss(to_teacher(z_s.detach()), exact(z_s.detach()))
-        rec |= check_finite(step, loss_gen=loss_g, **({"loss_rec": loss_b} if args.bridge_lr > 0 else {}))
-        loss_g.backward()
+        rec |= check_finite(step, loss_gen=loss_g, **({"loss_rec": loss_b} if args.bridge_lr > 0 else {}),
+                            **({"loss_gan": loss_gan} if head is not None else {}))
+        (loss_g + args.gan_weight * loss_gan).backward()
+        for name in ("lora", "critic") if head is not None else ():  # the GAN loss reached the classifier too:
+            optimizers[name].zero_grad(set_to_none=True)  # not its to learn from
         if args.bridge_lr > 0:  # the projector learns from its reconstruction ONLY: the DMD gradient would teach it
             to_teacher.zero_grad(set_to_none=True)  # to flatter the student (to map its samples nearer the teacher's
             (args.rec_weight * loss_b).backward()  # data than they are) instead of the student to improve
@@ -614,13 +676,27 @@ for step in (bar := tqdm(range(start, args.steps), desc="stage 2: distill", disa
     x0 = z_t.detach().float()
     sigma = mine(BR.sample_sigmas(G, lo, hi, shift, generator=gen))
     n = mine(torch.randn((G, ct, ht, ht), generator=gen))
+    x, ctx, pooled = BR.add_noise(x0, n, sigma), t_ctx, t_pooled
+    if head is not None:  # + the classifier, on generated and real latents noised alike: one forward of 3B
+        ridx = torch.randint(len(real_z), (G,), generator=gen)
+        r_ctx, r_pooled = ctx_of(mine(real_pidx[ridx]).cpu())
+        c_sigma = torch.cat([mine(BR.sample_sigmas(G, lo, hi, args.gan_shift, generator=gen)) for _ in "gr"])
+        c_noise = torch.cat([mine(torch.randn((G, ct, ht, ht), generator=gen)) for _ in "gr"])
+        x_c = BR.add_noise(torch.cat([x0, mine(real_z[ridx])]), c_noise, c_sigma)  # generated, then real
+        x, sigma = torch.cat([x, x_c]), torch.cat([sigma, c_sigma])
+        ctx, pooled = torch.cat([ctx, ctx, r_ctx]), torch.cat([pooled, pooled, r_pooled])
     with amp():
-        loss_f = BR.flow_matching_loss(teacher(BR.add_noise(x0, n, sigma), sigma, t_ctx, t_pooled, guid(B)), x0, n)
-    rec |= check_finite(step, loss_fake=loss_f)
-    loss_f.backward()
+        loss_f = BR.flow_matching_loss(teacher(x, sigma, ctx, pooled, guid(len(x)))[:B], x0, n)
+        loss_c = BR.gan_critic_loss(*head(features.pop("img")[B:]).split(B)[::-1]) if head is not None else None
+    rec |= check_finite(step, loss_fake=loss_f, **({"loss_critic": loss_c} if head is not None else {}))
+    (loss_f + (args.gan_critic_weight * loss_c if head is not None else 0)).backward()
+    all_reduce_grads(head.parameters()) if head is not None else None
     rec["grad_norm_fake"] = TS.full(torch.nn.utils.clip_grad_norm_([q for _, q in lora], args.grad_clip)).item()
-    optimizers["lora"].step()
-    optimizers["lora"].zero_grad(set_to_none=True)
+    if head is not None:
+        rec["grad_norm_critic"] = torch.nn.utils.clip_grad_norm_(head.parameters(), args.grad_clip).item()
+    for name in ("lora", "critic") if head is not None else ("lora",):
+        optimizers[name].step()
+        optimizers[name].zero_grad(set_to_none=True)
     log(rec | timing(t_it))
     bar.set_postfix({k: f"{v:.4f}" for k, v in rec.items() if k.startswith("loss")})
     if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps:

@@ -11,7 +11,7 @@ Rows (200 fixed prompts of the judge, toy_train.eval_prompts; mean +- std over -
 Wall time: sampling and judging the 200 prompts (model rows), or the whole distill.py run (both stages and its judging
 before and after) for distilled rows. Every run is a subprocess on one CPU thread; --jobs run at once.
 
-    python toy_table.py                     # everything (3 seeds; ~1 hour on 2 cores)
+    python toy_table.py                     # everything (3 seeds; ~1.5 hours on 2 cores)
     python toy_table.py --rows distilled --seeds 0   # one row, one seed
 Each run's result lands in out/table/ROW_sSEED/result.json; assets/toy/table.json and the printed markdown table
 are built from all of them (--collect: just that).

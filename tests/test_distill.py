@@ -206,6 +206,48 @@ def test_projector_learns_from_reconstruction_only(main_run, tmp_path):
     assert moved["0"] == 0.0 and moved["1"] > 1e-3, moved
 
 
+def test_gan_term(main_run, tmp_path):
+    """DMD2's GAN term: a classifier on the fake score's tokens, real images captioned with lines of the prompts.
+    Its losses are logged, it is checkpointed, and it learns from its own loss only: with --gan-critic-weight 0 it
+    ends bit-identical whatever the generator's GAN weight (which does change the student); with weight 1 it moves.
+    Resumed, the run repeats the uninterrupted one. A caption that is not one of the prompts is refused, naming the
+    file."""
+    main, _ = main_run
+    prompts = (main / "tiny" / "prompts.txt").read_text().splitlines()
+    rng = np.random.default_rng(0)
+    for folder, captions in (("real", prompts[:3]), ("stray", ["not one of the prompts"])):
+        (tmp_path / folder).mkdir()
+        for i, caption in enumerate(captions):
+            Image.fromarray(rng.integers(0, 255, (70, 60, 3), dtype=np.uint8)).save(tmp_path / folder / f"{i}.png")
+            (tmp_path / folder / f"{i}.txt").write_text(caption + "\n")
+    gan = lambda name, real, gw, cw, steps="2", *extra: start(explicit(
+        main, tmp_path / name, "--steps", steps, "--fake-steps-per-gen", "1", "--real-images", tmp_path / real,
+        "--gan-weight", gw, "--gan-critic-weight", cw, "--ckpt-every", "2", *extra))
+    procs = {"a": gan("a", "real", "0.01", "0"), "b": gan("b", "real", "1", "0"), "c": gan("c", "real", "1", "1"),
+             "stray": gan("stray", "stray", "0.01", "1"), "c4": gan("c4", "real", "1", "1", "4")}
+    results = {name: finish(proc) for name, proc in procs.items()}
+    rc, _, err = finish(gan("c", "real", "1", "1", "4", "--resume"))  # run c, resumed to 4 steps = c4
+    assert rc == 0, err[-2000:]
+    for ra, rb in zip(records(tmp_path / "c4"), records(tmp_path / "c"), strict=True):
+        assert ra.keys() == rb.keys()
+        for k in set(ra) - {"stage"} - TIMING:
+            assert rb[k] == pytest.approx(ra[k], rel=1e-5, abs=1e-7), (ra["step"], k)
+    results.pop("c4")
+    rc, _, err = results.pop("stray")
+    assert rc != 0 and err.strip().startswith("error: --real-images") and "0.png" in err, err[-2000:]
+    parts = {}
+    for name, (rc, _, err) in results.items():
+        assert rc == 0, (name, err[-2000:])
+        logged = records(tmp_path / name)
+        assert all(math.isfinite(r["loss_gan"]) and math.isfinite(r["loss_critic"]) for r in logged), logged
+        ck = load_file(tmp_path / name / "checkpoint.safetensors")
+        parts[name] = {k: v for k, v in ck.items() if k.startswith(("critic.", "student."))}
+    critic = lambda name: {k: v for k, v in parts[name].items() if k.startswith("critic.")}
+    assert critic("a") and all(torch.equal(v, critic("b")[k]) for k, v in critic("a").items())
+    assert any(not torch.equal(v, critic("c")[k]) for k, v in critic("a").items())
+    assert any(not torch.equal(v, parts["b"][k]) for k, v in parts["a"].items() if k.startswith("student."))
+
+
 def in_process(args, capsys):
     """(exit code, stderr) of the script run here: the quick way for most bad-input cases (no torch import);
     an escaping exception goes to the script's own sys.excepthook, as the interpreter would send it."""
@@ -244,6 +286,8 @@ def test_bad_input(main_run, tmp_path, capsys):
         "bad flag value": (["--batch-size", "0", "--out", tmp_path / "f"], "--batch-size", False),
         "identity, 16-channel teacher": ([*FAST, "--bridge-kind", "identity", "--out", tmp_path / "g"],
                                          "student's latent space", False),
+        "GAN without real images": ([*FAST, "--gan-weight", "0.01", "--out", tmp_path / "h"], "--real-images", False),
+        "GAN block": ([*FAST, "--gan-weight", "0.01", "--gan-block", "2", "--out", tmp_path / "i"], "fraction", False),
     }
     procs = {name: start(args) for name, (args, _, real) in cases.items() if real}
     results = {name: in_process(args, capsys) for name, (args, _, real) in cases.items() if not real}
@@ -252,7 +296,7 @@ def test_bad_input(main_run, tmp_path, capsys):
         assert rc != 0, name
         assert err.strip().startswith("error: ") and "\n" not in err.strip(), (name, err[-2000:])
         assert cases[name][1] in err, (name, err)
-    for d in "abcdef":  # nothing written
+    for d in "abcdefhi":  # nothing written
         assert not (tmp_path / d).exists() or not any((tmp_path / d).iterdir()), d
     assert (tmp_path / "file").read_text() == "x"
     assert digest(main / "checkpoint.safetensors") == before

@@ -1,4 +1,4 @@
-"""The DMD2 distribution-matching gradient of bridge.py on an analytic problem.
+"""The DMD2 distribution-matching gradient of bridge.py on an analytic problem; DMD2's GAN losses likewise.
 
 The "teacher" is a Gaussian N(mu, Sigma) whose denoiser under flow-matching noising x_s = (1-s) x0 + s n is exact:
     E[x0 | x_s] = mu + (1-s) Sigma ((1-s)^2 Sigma + s^2 I)^-1 (x_s - (1-s) mu).
@@ -9,7 +9,7 @@ flow_matching_loss on detached generator samples, several fake steps per generat
 import pytest
 import torch
 
-from bridge import dmd_generator_loss, flow_matching_loss, x0_from_v
+from bridge import RealismHead, dmd_generator_loss, flow_matching_loss, gan_critic_loss, gan_generator_loss, x0_from_v
 
 MU = torch.tensor([1.5, -1.0, 0.5])
 L = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.7, 0.0], [-0.3, 0.2, 0.5]])
@@ -98,3 +98,43 @@ def test_x0_from_v_and_flow_matching_loss():
     torch.testing.assert_close(x0_from_v(xs, s, v), x0, rtol=1e-5, atol=1e-5)
     assert flow_matching_loss(v, x0, noise).item() == 0
     assert flow_matching_loss(v + 0.1, x0, noise).item() == pytest.approx(0.01, rel=1e-4)
+
+
+def train_gan(sign=1.0, steps=250, critic_steps=2, batch=256, seed=0):
+    """|b - mu| after GAN training of a generator x = b + n against real samples mu + n (n ~ N(0, I)): the critic is
+    the RealismHead itself, reading each sample as one 16-d token (a fixed random embedding: its LayerNorm would
+    flatten 3-d tokens); sign=-1 flips the generator's loss."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    embed = torch.randn(3, 16, generator=g) / 3 ** 0.5
+    b, head = torch.zeros(3, requires_grad=True), RealismHead(16)
+    gopt = torch.optim.Adam([b], lr=2e-2, betas=(0.0, 0.99))
+    copt = torch.optim.Adam(head.parameters(), lr=1e-2, betas=(0.0, 0.99))
+    tokens = lambda mean: (mean + torch.randn(batch, 1, 3, generator=g)) @ embed  # (B, 1 token, 16)
+    for _ in range(steps):
+        for _ in range(critic_steps):
+            loss = gan_critic_loss(head(tokens(MU)), head(tokens(b.detach())))
+            copt.zero_grad()
+            loss.backward()
+            copt.step()
+        loss = sign * gan_generator_loss(head(tokens(b)))
+        gopt.zero_grad()
+        loss.backward()
+        gopt.step()
+    return (b - MU).norm().item()
+
+
+def test_gan_losses():
+    logit = torch.tensor([-3.0, -0.5, 0.0, 2.0])
+    sig = torch.sigmoid(logit)
+    torch.testing.assert_close(gan_generator_loss(logit), -sig.log().mean())  # -log D(fake)
+    real, fake = logit, logit.flip(0)  # -log D(real) - log(1 - D(fake))
+    torch.testing.assert_close(gan_critic_loss(real, fake), -(sig.log().mean() + (1 - sig.flip(0)).log().mean()))
+    head = RealismHead(8)
+    assert head(torch.randn(5, 7, 8)).shape == (5,)
+
+
+def test_gan_generator_moves_to_the_real_data():
+    assert MU.norm().item() == pytest.approx(1.87, abs=0.01)  # the start
+    assert train_gan() < 0.1
+    assert train_gan(sign=-1.0, steps=150) > 3.0
