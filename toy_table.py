@@ -3,6 +3,9 @@
 Rows (200 fixed prompts of the judge, toy_train.eval_prompts; mean +- std over --seeds):
   base student, 1 step / 25 DDIM steps (CFG 7.5)    sampling noise varies with the seed
   teacher, 28 Euler steps (CFG 5)                   the same; also the same-space reference teacher
+  teacher through the student VAE                   the ceiling of a student that draws the teacher's images: those
+                                                    images at the student's size, encoded and decoded by the student
+                                                    VAE, or rendered by its decoder from the best latent for each
   distilled student, 1 step                         `python distill.py --preset toy --seed S`, both stages; the
                                                     judge's one-step score at the end of the run (distill.py --eval)
   ablations, 1 step: no attention fidelity (--attn-weight 0), naive Bridge (--bridge-kind naive: bilinear resize +
@@ -11,7 +14,7 @@ Rows (200 fixed prompts of the judge, toy_train.eval_prompts; mean +- std over -
 Wall time: sampling and judging the 200 prompts (model rows), or the whole distill.py run (both stages and its judging
 before and after) for distilled rows. Every run is a subprocess on one CPU thread; --jobs run at once.
 
-    python toy_table.py                     # everything (3 seeds; ~1.5 hours on 2 cores)
+    python toy_table.py                     # everything (3 seeds; ~2 hours on 2 cores)
     python toy_table.py --rows distilled --seeds 0   # one row, one seed
 Each run's result lands in out/table/ROW_sSEED/result.json; assets/toy/table.json and the printed markdown table
 are built from all of them (--collect: just that).
@@ -27,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent
 OUT = ROOT / "out" / "table"
@@ -40,10 +44,13 @@ DISTILL_ROWS = {  # row -> distill.py flags (on top of --preset toy)
     "same_space": ["--bridge-kind", "identity", "--teacher", str(SAME_SPACE / "toy_sd35_4ch.safetensors"),
                    "--text-encoders", str(SAME_SPACE / "text_encoders"), "--teacher-res", "64"],
 }
-MODEL_ROWS = ("student_1step", "student_ddim25", "teacher_euler28", "same_space_teacher_euler28")
+MODEL_ROWS = ("student_1step", "student_ddim25", "teacher_euler28", "same_space_teacher_euler28",
+              "teacher_via_student_vae", "teacher_via_student_decoder")
 LABELS = {"student_1step": "base student, 1 step (t = 999, CFG 7.5)", "student_ddim25": "base student, 25 DDIM steps",
           "teacher_euler28": "teacher (16 ch, 128 px), 28 Euler steps",
           "same_space_teacher_euler28": "same-space teacher (4 ch, 64 px), 28 Euler steps",
+          "teacher_via_student_vae": "ceiling: the teacher's images, student VAE encode + decode",
+          "teacher_via_student_decoder": "ceiling: the teacher's images, student decoder from the best latent",
           "distilled": "**distilled student, 1 step (Bridge)** (t = 800)",
           "no_attention_fidelity": "ablation: no attention fidelity, 1 step",
           "naive_bridge": "ablation: naive Bridge (resize + 1x1), 1 step",
@@ -62,7 +69,34 @@ def model_row(row: str, seed: int) -> dict:
     else:
         parts = T.load_same_space_teacher() if row.startswith("same_space") else None
         images = T.teacher_images(prompts, seed=seed, parts=parts)
+        if row.startswith("teacher_via"):
+            images = through_student_vae(images, best_latent=row.endswith("decoder"))
     return toy.load_judge().score(prompts, images) | {"seconds": time.time() - t0}
+
+
+def through_student_vae(images: torch.Tensor, best_latent: bool, steps: int = 40, batch: int = 50) -> torch.Tensor:
+    """The teacher's images as a student could at best draw them: resized to the student's size, then encoded and
+    decoded by the student VAE; or (best_latent) decoded from the latent that the decoder renders closest to them
+    (Adam on the L1 error, `steps` steps from the encoder's latent). A one-step student outputs latents, so only its
+    decoder bounds it; the second is that bound, the first what the encoder finds."""
+    import toy_train as T
+    vae = T.load_toy_student()[3].requires_grad_(False)
+    target = F.interpolate(images, (T.STUDENT_RES,) * 2, mode="bilinear", antialias=True)
+    out = []
+    for part in target.split(batch):
+        with torch.no_grad():
+            z = vae.encode(part)
+        if best_latent:
+            z.requires_grad_(True)
+            opt = torch.optim.Adam([z], lr=0.05)
+            for _ in range(steps):
+                loss = (vae.decode(z) - part).abs().mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        with torch.no_grad():
+            out.append(vae.decode(z).clamp(-1, 1))
+    return torch.cat(out)
 
 
 def distill_row(row: str, seed: int) -> dict:

@@ -114,3 +114,15 @@ def test_student_text_encoder_says_what_the_caption_says():
             opt.step()
         acc = (probe(h[600:]).argmax(1) == y[600:]).float().mean().item()
         assert acc >= 0.9, (k, acc)
+
+
+def test_best_latent_beats_the_encoder():
+    """toy_table's ceiling rows: the latent fit to the student decoder renders the teacher-size image closer than the
+    encoder's latent does (held-out renders at 128 px; measured 0.14 -> 0.07 L1 on the teacher's samples)."""
+    import torch.nn.functional as F
+
+    import toy_table
+    images = toy.render(toy.sample_scenes(8, 11), T.TEACHER_RES)
+    target = F.interpolate(images, (T.STUDENT_RES,) * 2, mode="bilinear", antialias=True)
+    err = {best: (toy_table.through_student_vae(images, best) - target).abs().mean().item() for best in (False, True)}
+    assert err[True] < 0.8 * err[False], err
