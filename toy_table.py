@@ -80,7 +80,8 @@ def through_student_vae(images: torch.Tensor, best_latent: bool, steps: int = 40
     (Adam on the L1 error, `steps` steps from the encoder's latent). A one-step student outputs latents, so only its
     decoder bounds it; the second is that bound, the first what the encoder finds."""
     import toy_train as T
-    vae = T.load_toy_student()[3].requires_grad_(False)
+    import vae as V
+    vae = V.load_vae(T.STUDENT, family="sd15").requires_grad_(False)  # the VAE alone, as load_toy_student reads it
     target = F.interpolate(images, (T.STUDENT_RES,) * 2, mode="bilinear", antialias=True)
     out = []
     for part in target.split(batch):
