@@ -19,7 +19,8 @@ projector learns reconstruction + attention fidelity; the report gives held-out 
 the exact decode-resize-encode path. Stage 2: generator = the SD 1.5 UNet, one step from pure noise at t = 999;
 z_T = Bridge(z_S); real score = frozen teacher (LoRA off, CFG / embedded guidance), fake score = teacher + LoRA
 trained by flow matching on detached z_T, `--fake-steps-per-gen` fake updates per generator update (DMD2); optionally
-DMD2's GAN term (--gan-weight, real images from --real-images; off by default).
+DMD2's GAN term (--gan-weight, real images from --real-images; off by default) and DMD1's regression onto the
+teacher's own samples (--reg-weight; off by default).
 
 Memory, SD 1.5 + SD3.5-Medium at 1024 px on one 80 GB GPU (defaults: batch 2, bf16 autocast, grad checkpointing):
 teacher 2.47B params in bf16 = 4.9 GB; LoRA rank 64 = 82M fp32 params + grads + AdamW = 1.3 GB; student UNet 0.86B
@@ -62,7 +63,7 @@ import train_state as TS
 import unet as U
 import vae as V
 from export import export_sd15_single_file
-from sample import ddim_sample, one_step_x0, sd3_shift, to_uint8
+from sample import ddim_sample, one_step_x0, sample_flow, sd3_shift, sd3_sigmas, to_uint8
 from tokenizer import find_clip_tokenizer
 from weights import Checkpoint, CheckpointError, find_component, load_state, save_atomic
 
@@ -164,6 +165,15 @@ g.add_argument("--gan-block", type=float, default=0.5, help="the teacher block (
 g.add_argument("--gan-shift", type=float, default=1.0, help="time shift of the GAN's noise levels (1 = none)")
 g.add_argument("--real-images", help="--gan-weight > 0: folder of images, each with a NAME.txt caption that is one "
                "line of --prompts (the toy preset renders its prompts instead)")
+# DMD1's regression loss (Yin et al., arXiv 2311.18828; DMD2 drops it: pairs cost teacher sampling at scale). Pairs =
+# the teacher's own Euler samples (28 steps, --cfg / --guidance) of --reg-pairs random training prompts; the student's
+# bridged one-step sample of the same prompt is pulled onto its pair (MSE in teacher space, where DMD runs; DMD1 uses
+# LPIPS on pixels). CHOICE: the student's noise is drawn independently of the pair's: a 4-channel student noise can't
+# be the teacher's 16-channel one, and the toy teacher's shape agreed 86% between two independent noises (83% with
+# the coarse part shared), so the noise carries little that the prompt does not fix. The optimum is the teacher's mean
+# image of the prompt, which DMD's gradient sharpens. Toy: --reg-weight 20, 0.080 -> 0.103 (README).
+g.add_argument("--reg-weight", type=float, default=0.0, help="DMD1's regression loss weight (toy: 20); 0 = off")
+g.add_argument("--reg-pairs", type=int, help="teacher samples for it (1000; toy: 256)")
 g.add_argument("--ema", type=float, help="EMA decay of the student (0.999); 0 = off")
 g.add_argument("--grad-clip", type=float, default=1.0)
 g.add_argument("--weight-decay", type=float, default=0.01)
@@ -189,7 +199,8 @@ args.preset = args.preset or (None if args.student else DEFAULT_PRESET)
 DEFAULTS = {"real": dict(  # None above means "from here"
     student_res=512, teacher_res=1024, latents=512, held_out=64, bridge_steps=2000, bridge_batch=2, bridge_width=128,
     bridge_depth=2, steps=20000, batch_size=2, lr=1e-5, fake_lr=1e-4, lora_rank=64, fake_steps_per_gen=5, cfg=4.5,
-    sigma_range=[0.02, 0.98], ema=0.999, sample_every=500, ckpt_every=500, t5_length=None, eval=0, gen_timestep=999)}
+    sigma_range=[0.02, 0.98], ema=0.999, sample_every=500, ckpt_every=500, t5_length=None, eval=0, gen_timestep=999,
+    reg_pairs=1000)}
 DEFAULTS["tiny"] = DEFAULTS["real"] | dict(
     student_res=64, teacher_res=128, latents=32, held_out=8, bridge_steps=150, bridge_batch=4, bridge_width=32,
     bridge_depth=1, steps=60, batch_size=2, lr=1e-4, fake_lr=1e-3, lora_rank=4, sample_every=20, ckpt_every=20,
@@ -197,7 +208,7 @@ DEFAULTS["tiny"] = DEFAULTS["real"] | dict(
 DEFAULTS["toy"] = DEFAULTS["tiny"] | dict(  # tuned for < 10 minutes on 2 CPU cores (see the README)
     latents=96, held_out=16, bridge_steps=150, bridge_batch=8, bridge_width=64, bridge_depth=2, steps=500,
     batch_size=8, lr=2e-4, fake_lr=1e-3, lora_rank=8, fake_steps_per_gen=2, cfg=4.5, ema=0.99, sample_every=100,
-    ckpt_every=100, t5_length=None, eval=200, gen_timestep=800)
+    ckpt_every=100, t5_length=None, eval=200, gen_timestep=800, reg_pairs=256)
 for k, v in DEFAULTS[args.preset or "real"].items():
     setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
 if args.eval and args.preset != "toy":
@@ -205,7 +216,7 @@ if args.eval and args.preset != "toy":
 if args.grad_ckpt is None:
     args.grad_ckpt = args.device.startswith("cuda")
 for k in ("latents", "held_out", "bridge_batch", "batch_size", "lora_rank", "fake_steps_per_gen", "sample_every",
-          "ckpt_every", "bridge_width", "bridge_depth", "sample_steps"):
+          "ckpt_every", "bridge_width", "bridge_depth", "sample_steps", "reg_pairs"):
     if getattr(args, k) < 1:
         raise UsageError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(args, k)}")
 if args.student_res % 64 or args.teacher_res % 16 or not 0 < args.sigma_range[0] < args.sigma_range[1] < 1:
@@ -571,6 +582,29 @@ if head is not None:  # real teacher-space latents and their prompts (indices in
     optimizers["critic"] = torch.optim.AdamW(head.parameters(), lr=args.fake_lr, weight_decay=args.weight_decay)
 if args.bridge_lr > 0:
     optimizers["projector"] = torch.optim.AdamW(to_teacher.parameters(), lr=args.bridge_lr, weight_decay=0.0)
+unc_ctx, unc_pooled = cache.negative_teacher_context.to(device), cache.negative_teacher_pooled.to(device)
+if args.reg_weight > 0:  # DMD1's regression pairs (see --reg-weight): rank 0 samples them once, cached like stage 1
+    pfile = out / "reg_pairs.safetensors"
+    key = json.dumps([args.teacher, args.reg_pairs, args.cfg, args.guidance, shift, args.seed, cache.prompts])
+    fresh = not pfile.is_file() or (safe_open(str(pfile), "pt").metadata() or {}).get("key") != key
+    barrier()  # every rank has looked before rank 0 writes
+    if fresh and (master or args.fsdp):  # a sharded teacher needs every rank in its forwards: all sample the same
+        gp = torch.Generator().manual_seed(args.seed + 4)
+        reg_idx, reg_z = torch.randint(len(cache.prompts), (args.reg_pairs,), generator=gp), []
+        with_cfg = family == "sd3" and args.cfg > 1  # the real score's guidance: CFG rows [negative; prompt]
+        for i in tqdm(range(0, args.reg_pairs, 8), desc="regression pairs: teacher samples", disable=not master):
+            c, pl = ctx_of(reg_idx[i:i + 8])
+            noise = torch.randn((len(c), ct, ht, ht), generator=gp).to(device)
+            if with_cfg:
+                c, pl = torch.cat([unc_ctx.expand_as(c), c]), torch.cat([unc_pooled.expand_as(pl), pl])
+            with torch.no_grad(), amp(), TM.lora_enabled(raw_teacher, False):
+                reg_z.append(sample_flow(raw_teacher, c, pl, noise, sd3_sigmas(28, shift), args.cfg if with_cfg else
+                                         None, args.guidance if guided else None, progress=False).cpu())  # fp32
+        if master:
+            save_atomic({"prompt_idx": reg_idx, "z_t": torch.cat(reg_z)}, pfile, {"key": key})
+    barrier()
+    pairs = load_file(str(pfile))
+    reg_idx, reg_z = pairs["prompt_idx"], pairs["z_t"]
 gen = torch.Generator().manual_seed(args.seed + 3)  # every random draw of the loop: saved in the checkpoint
 
 
@@ -618,7 +652,6 @@ def check_finite(step, **losses) -> dict:
 # ----------------------------------------------------------------------------- stage 2: the loop
 B, G = args.batch_size, args.batch_size * world
 lo, hi = args.sigma_range
-unc_ctx, unc_pooled = cache.negative_teacher_context.to(device), cache.negative_teacher_pooled.to(device)
 t0 = time.time()
 torch.cuda.reset_peak_memory_stats(device) if cuda else None
 for step in (bar := tqdm(range(start, args.steps), desc="stage 2: distill", disable=not master, initial=start,
@@ -652,13 +685,22 @@ for step in (bar := tqdm(range(start, args.steps), desc="stage 2: distill", disa
                 raw_teacher(BR.add_noise(z_t, mine(torch.randn((G, ct, ht, ht), generator=gen)), g_sigma), g_sigma,
                             t_ctx, t_pooled, guid(B))
                 loss_gan = BR.gan_generator_loss(head(features.pop("img")))
+        loss_reg = torch.zeros((), device=device)
+        if args.reg_weight > 0:  # DMD1's regression: a second one-step sample, of a pair's prompt, onto the pair
+            j = torch.randint(len(reg_idx), (G,), generator=gen)
+            r_noise, j = mine(torch.randn((G, 4, hs, hs), generator=gen)), mine(j).cpu()
+            with amp():
+                z_r = to_teacher(one_step_x0(model_c, r_noise, args.gen_timestep,
+                                             cache.student_context[reg_idx[j]].to(device)))
+                loss_reg = BR.reconstruction_loss(z_r, reg_z[j].to(device))
         loss_b = torch.zeros((), device=device)
         if args.bridge_lr > 0:  # keep the fine-tuned projector faithful: its reconstruction on these samples
             with amp():
                 loss_b = BR.reconstruction_loss(to_teacher(z_s.detach()), exact(z_s.detach()))
         rec |= check_finite(step, loss_gen=loss_g, **({"loss_rec": loss_b} if args.bridge_lr > 0 else {}),
-                            **({"loss_gan": loss_gan} if head is not None else {}))
-        (loss_g + args.gan_weight * loss_gan).backward()
+                            **({"loss_gan": loss_gan} if head is not None else {}),
+                            **({"loss_reg": loss_reg} if args.reg_weight > 0 else {}))
+        (loss_g + args.gan_weight * loss_gan + args.reg_weight * loss_reg).backward()
         for name in ("lora", "critic") if head is not None else ():  # the GAN loss reached the classifier too:
             optimizers[name].zero_grad(set_to_none=True)  # not its to learn from
         if args.bridge_lr > 0:  # the projector learns from its reconstruction ONLY: the DMD gradient would teach it
