@@ -419,6 +419,7 @@ if args.fsdp:  # shard every block, then the root (moving each to the device): e
     fully_shard(teacher)
 lora = [(n, p) for n, p in teacher.named_parameters() if p.requires_grad]  # after sharding: DTensors under FSDP
 guided = teacher.takes_guidance  # FLUX.1-dev
+real_cfg = family == "sd3" and args.cfg > 1  # the real score (and the regression pairs): CFG rows [negative; prompt]
 guid = lambda n: torch.full((n,), args.guidance, device=device) if guided else None
 ctx_of = lambda idx: (cache.teacher_context[idx].to(device), cache.teacher_pooled[idx].to(device))
 
@@ -591,14 +592,13 @@ if args.reg_weight > 0:  # DMD1's regression pairs (see --reg-weight): rank 0 sa
     if fresh and (master or args.fsdp):  # a sharded teacher needs every rank in its forwards: all sample the same
         gp = torch.Generator().manual_seed(args.seed + 4)
         reg_idx, reg_z = torch.randint(len(cache.prompts), (args.reg_pairs,), generator=gp), []
-        with_cfg = family == "sd3" and args.cfg > 1  # the real score's guidance: CFG rows [negative; prompt]
         for i in tqdm(range(0, args.reg_pairs, 8), desc="regression pairs: teacher samples", disable=not master):
             c, pl = ctx_of(reg_idx[i:i + 8])
             noise = torch.randn((len(c), ct, ht, ht), generator=gp).to(device)
-            if with_cfg:
+            if real_cfg:
                 c, pl = torch.cat([unc_ctx.expand_as(c), c]), torch.cat([unc_pooled.expand_as(pl), pl])
             with torch.no_grad(), amp(), TM.lora_enabled(raw_teacher, False):
-                reg_z.append(sample_flow(raw_teacher, c, pl, noise, sd3_sigmas(28, shift), args.cfg if with_cfg else
+                reg_z.append(sample_flow(raw_teacher, c, pl, noise, sd3_sigmas(28, shift), args.cfg if real_cfg else
                                          None, args.guidance if guided else None, progress=False).cpu())  # fp32
         if master:
             save_atomic({"prompt_idx": reg_idx, "z_t": torch.cat(reg_z)}, pfile, {"key": key})
@@ -670,7 +670,7 @@ for step in (bar := tqdm(range(start, args.steps), desc="stage 2: distill", disa
         x = BR.add_noise(z_t.detach(), mine(torch.randn((G, ct, ht, ht), generator=gen)), sigma)
         with torch.no_grad(), amp():
             with TM.lora_enabled(raw_teacher, False):  # real score: the frozen teacher
-                if family == "sd3" and args.cfg > 1:
+                if real_cfg:
                     v_u, v_c = teacher(torch.cat([x, x]), sigma.repeat(2), torch.cat([unc_ctx.expand_as(t_ctx), t_ctx]),
                                        torch.cat([unc_pooled.expand_as(t_pooled), t_pooled])).float().chunk(2)
                     v_real = v_u + args.cfg * (v_c - v_u)
