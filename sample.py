@@ -1,6 +1,6 @@
 """Sample images from a checkpoint: SD 1.5 with DDIM, or a flow-matching teacher (SD3 / SD3.5, FLUX.1) with Euler.
 
-    python sample.py --prompt "a red circle on a blue background"   # the distilled toy student, one step
+    python sample.py --prompt "a large red circle on a blue background, center"   # the distilled toy student, one step
     python sample.py --ckpt v1-5-pruned-emaonly.safetensors --prompt "a watercolor fox in the snow" --seed 1
     python sample.py --ckpt sd3.5_large.safetensors --text-encoders text_encoders/ --prompt "..."
     python sample.py --ckpt flux1-dev.safetensors --text-encoders text_encoders/ --vae ae.safetensors --prompt "..."

@@ -10,8 +10,9 @@ Rows (200 fixed prompts of the judge, toy_train.eval_prompts; mean +- std over -
                                                     judge's one-step score at the end of the run (distill.py --eval)
   ablations, 1 step: no attention fidelity (--attn-weight 0), naive Bridge (--bridge-kind naive: bilinear resize +
   1x1 conv), exact path (--bridge-kind exact: back-propagation through decode-resize-encode), same-space
-  distillation (--bridge-kind identity from the same-space teacher: no Bridge needed, the reference point); and one
-  variant: + DMD1's regression loss onto the teacher's own samples (--reg-weight 20).
+  distillation (--bridge-kind identity from the same-space teacher: no Bridge needed, the reference point); and
+  two variants: + DMD1's regression loss onto the teacher's own samples (--reg-weight 20); + the projector fine-tuned
+  during stage 2 on its reconstruction of the current samples (--bridge-lr 1e-3).
 Wall time: sampling and judging the 200 prompts (model rows), or the whole distill.py run (both stages and its judging
 before and after) for distilled rows. Every run is a subprocess on one CPU thread; --jobs run at once.
 
@@ -43,6 +44,7 @@ DISTILL_ROWS = {  # row -> distill.py flags (on top of --preset toy)
     "naive_bridge": ["--bridge-kind", "naive"],
     "exact_path": ["--bridge-kind", "exact"],
     "regression": ["--reg-weight", "20"],
+    "bridge_finetune": ["--bridge-lr", "1e-3"],
     "same_space": ["--bridge-kind", "identity", "--teacher", str(SAME_SPACE / "toy_sd35_4ch.safetensors"),
                    "--text-encoders", str(SAME_SPACE / "text_encoders"), "--teacher-res", "64"],
 }
@@ -58,6 +60,7 @@ LABELS = {"student_1step": "base student, 1 step (t = 999, CFG 7.5)", "student_d
           "naive_bridge": "ablation: naive Bridge (resize + 1x1), 1 step",
           "exact_path": "ablation: exact decode-resize-encode path, 1 step",
           "regression": "variant: + DMD1's regression onto teacher samples (--reg-weight 20), 1 step",
+          "bridge_finetune": "variant: + projector fine-tuned on the current samples (--bridge-lr 1e-3), 1 step",
           "same_space": "reference: same-space distillation, 1 step"}
 METRICS = ("all_correct", "shape", "color", "background", "position", "size", "fd")
 

@@ -270,7 +270,7 @@ def test_regression_term(main_run, tmp_path):
     main, _ = main_run
     reg = lambda name, steps, *extra: start(explicit(main, tmp_path / name, "--steps", steps, "--fake-steps-per-gen",
                                                      "1", "--reg-weight", "50", "--reg-pairs", "4", "--lr", "1e-3",
-                                                     "--ckpt-every", "6", *extra))
+                                                     "--ckpt-every", "6", "--dmd-shift", "1.5", *extra))
     procs = {"long": reg("long", "12"), "part": reg("part", "6")}
     for name, proc in procs.items():
         rc, _, err = finish(proc)
@@ -302,7 +302,8 @@ def test_regression_term(main_run, tmp_path):
     teacher = TM.load_teacher(main / "tiny" / "teacher.safetensors")
     ctx = torch.cat([cache.negative_teacher_context.expand(4, -1, -1), cache.teacher_context[idx]])
     pooled = torch.cat([cache.negative_teacher_pooled.expand(4, -1), cache.teacher_pooled[idx]])
-    with torch.no_grad():  # SD3's default shift 3 (the tiny teacher has no scheduler config), the real score's CFG
+    # SD3's default shift 3 (the tiny teacher has no scheduler config), not --dmd-shift's 1.5; the real score's CFG
+    with torch.no_grad():
         want = sample_flow(teacher, ctx, pooled, noise, sd3_sigmas(28, 3.0), cfg=4.5, progress=False)
     torch.testing.assert_close(pairs["z_t"], want, rtol=1e-4, atol=1e-4)
 
