@@ -146,12 +146,13 @@ g.add_argument("--gen-timestep", type=int, help="the one-step generator's timest
 # mode-seeking and a high real-score CFG over-saturates one-step samples (DMD2 notes the same trade-off).
 g.add_argument("--cfg", type=float, help="SD3: CFG of the real score (uncond = the cached negative; 4.5)")
 g.add_argument("--guidance", type=float, default=3.5, help="FLUX.1-dev: embedded guidance (pipeline default)")
-g.add_argument("--sigma-range", nargs=2, type=float, help="unshifted sigma range of DMD (0.02 0.98)")
+g.add_argument("--sigma-range", nargs=2, type=float, help="unshifted sigma range of DMD (0.02 0.98; toy: 0.4 0.85)")
 g.add_argument("--shift", type=float, help="the teacher's time shift (default: SD3 its scheduler config's or 3.0, "
                "FLUX exp(mu) at --teacher-res)")
 # CHOICE: DMD's noise levels (real and fake score, fake-score training) are --sigma-range shifted by --dmd-shift,
 # by default the teacher's own shift, as DMD2 draws them from the teacher's schedule. Stage 1's attention fidelity and
-# the regression pairs' teacher sampling always use the teacher's shift. The toy preset overrides both (see DEFAULTS).
+# the regression pairs' teacher sampling always use the teacher's shift. The toy preset sets --sigma-range and
+# --dmd-shift (see DEFAULTS).
 g.add_argument("--dmd-shift", type=float, help="time shift of DMD's noise levels (default: --shift; toy: 1)")
 g.add_argument("--bridge-lr", type=float, default=0.0,
                help="> 0: fine-tune the projector, on its reconstruction of the current samples only")
