@@ -18,6 +18,16 @@ from torch.utils.checkpoint import checkpoint
 
 from weights import BENIGN, Checkpoint, CheckpointError, build_meta, describe, load_state
 
+
+def check_ids(input_ids: torch.Tensor, vocab_size: int, encoder: str) -> None:
+    """A tokenizer that is not the encoder's own gives ids past its embedding table: say so in one line, not an
+    IndexError (e.g. a toy model whose tokenizer.json went missing falls back to CLIP's 49408-token BPE)."""
+    top = int(input_ids.max())
+    if top >= vocab_size:
+        raise CheckpointError(f"{encoder}: token id {top} is past its vocabulary of {vocab_size}: the tokenizer is not "
+                              "this encoder's (a toy model's tokenizer.json must lie beside its checkpoint)")
+
+
 # ---------------------------------------------------------------------------------------------------------------- CLIP
 
 
@@ -118,6 +128,7 @@ class CLIPTextModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> CLIPOutput:
         B, T = input_ids.shape
+        check_ids(input_ids, self.cfg.vocab_size, "CLIP text encoder")
         emb, layers = self.text_model.embeddings, self.text_model.encoder.layers
         x = emb.token_embedding(input_ids) + emb.position_embedding(torch.arange(T, device=input_ids.device))
         penultimate = x
@@ -323,6 +334,7 @@ class T5Encoder(nn.Module):
         """(B, T) ids -> (B, T, d_model) last hidden state, in the weights' dtype. No padding mask: the SD3 and FLUX
         pipelines attend to the pad tokens too."""
         blocks = self.encoder.block
+        check_ids(input_ids, self.cfg.vocab_size, "T5 encoder")
         x = self.shared(input_ids).float()
         bias = blocks[0].layer[0].SelfAttention.position_bias(input_ids.shape[1], input_ids.device)
         for block in blocks:

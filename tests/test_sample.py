@@ -448,6 +448,9 @@ def test_bad_input_is_one_line(sd15_pipeline, sd3_pipeline, flux_schnell_files, 
     lone.write_bytes((flux / "flux1-schnell.safetensors").read_bytes())
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
+    untokenized = tmp_path / "toy" / "student.safetensors"  # the toy student without the tokenizer.json beside it
+    untokenized.parent.mkdir()
+    untokenized.write_bytes((REPO / "assets/toy/distilled/student.safetensors").read_bytes())
     schnell = ["--ckpt", str(flux / "flux1-schnell.safetensors"), "--text-encoders", str(flux / "text_encoders")]
     cases = [  # (name, argv, what the error line must contain)
         ("zero steps", ["--ckpt", str(sd15), "--steps", "0"], "--steps"),
@@ -465,6 +468,7 @@ def test_bad_input_is_one_line(sd15_pipeline, sd3_pipeline, flux_schnell_files, 
         ("schnell with guidance", schnell + ["--cfg", "3.5"], "--cfg"),
         ("flux with a negative prompt", schnell + ["--negative-prompt", "blurry"], "--negative-prompt"),
         ("unwritable out", ["--ckpt", str(sd15), "--out", str(a_file / "img.png")], "--out"),
+        ("toy model without its tokenizer", ["--ckpt", str(untokenized)], "tokenizer.json"),
         ("no cuda", ["--ckpt", str(sd15), "--device", "cuda"], "--device"),
     ]
     if torch.cuda.is_available():

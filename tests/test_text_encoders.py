@@ -246,3 +246,14 @@ def test_clip_too_narrow_for_64_wide_heads_is_a_clear_error():
               "text_model.encoder.layers.0.mlp.fc1.weight": (64, 32)}
     with pytest.raises(CheckpointError, match="x.safetensors: CLIP width 32 does not split into heads of 64"):
         clip_config(shapes, source="x.safetensors")
+
+
+def test_ids_past_the_vocabulary_are_a_clear_error(ids):
+    """A tokenizer that is not the encoder's (CLIP's BPE on a 40-token toy encoder): CheckpointError, not IndexError;
+    ids inside the vocabulary pass."""
+    clip = CLIPTextModel(replace(PRESETS["tiny_l"], vocab_size=40, eos_id=4))
+    t5 = T5Encoder(replace(T5_PRESETS["tiny"], vocab_size=40))
+    for model, name in ((clip, "CLIP text encoder"), (t5, "T5 encoder")):
+        with pytest.raises(CheckpointError, match=f"{name}: token id 49407 is past its vocabulary of 40"):
+            model(ids)
+        model(ids.clamp(max=39))
