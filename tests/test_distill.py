@@ -256,6 +256,32 @@ def test_gan_term(main_run, tmp_path):
     assert any(not torch.equal(v, parts["b"][k]) for k, v in parts["a"].items() if k.startswith("student."))
 
 
+def test_compile_matches_eager(main_run, tmp_path):
+    """--compile (the teacher compiled block by block) with the GAN term (its classifier reads a compiled block's
+    output through a forward hook) and the regression term: every logged loss of 2 iterations equals eager's."""
+    main, _ = main_run
+    prompts = (main / "tiny" / "prompts.txt").read_text().splitlines()
+    (tmp_path / "real").mkdir()
+    for i, caption in enumerate(prompts[:2]):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(
+            tmp_path / "real" / f"{i}.png")
+        (tmp_path / "real" / f"{i}.txt").write_text(caption + "\n")
+    both = lambda name, *extra: start(explicit(
+        main, tmp_path / name, "--steps", "2", "--fake-steps-per-gen", "1", "--real-images", tmp_path / "real",
+        "--gan-weight", "1", "--reg-weight", "50", "--reg-pairs", "2", *extra))
+    procs = {"eager": both("eager"), "compiled": both("compiled", "--compile")}
+    for name, proc in procs.items():
+        rc, _, err = finish(proc)
+        assert rc == 0, (name, err[-2000:])
+    eager, compiled = records(tmp_path / "eager"), records(tmp_path / "compiled")
+    assert len(eager) == 2 and {"loss_gan", "loss_critic", "loss_reg"} <= eager[0].keys()
+    for ra, rb in zip(eager, compiled, strict=True):
+        losses = [k for k in ra if k.startswith("loss_")]
+        assert rb.keys() == ra.keys() and losses
+        for k in losses:
+            assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-6), (ra["step"], k, ra[k], rb[k])
+
+
 def test_regression_term(main_run, tmp_path):
     """DMD1's regression loss (--reg-weight): the pairs are the teacher's own CFG Euler samples of the prompts they
     name (recomputed here from the same noise), and 12 steps pull the student's bridged one-step samples of those
