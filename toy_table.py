@@ -43,6 +43,7 @@ DISTILL_ROWS = {  # row -> distill.py flags (on top of --preset toy)
     "no_attention_fidelity": ["--attn-weight", "0"],
     "naive_bridge": ["--bridge-kind", "naive"],
     "exact_path": ["--bridge-kind", "exact"],
+    "exact_path_2000": ["--bridge-kind", "exact", "--steps", "2000"],
     "regression": ["--reg-weight", "20"],
     "bridge_finetune": ["--bridge-lr", "1e-3"],
     "same_space": ["--bridge-kind", "identity", "--teacher", str(SAME_SPACE / "toy_sd35_4ch.safetensors"),
@@ -59,6 +60,7 @@ LABELS = {"student_1step": "base student, 1 step (t = 999, CFG 7.5)", "student_d
           "no_attention_fidelity": "ablation: no attention fidelity, 1 step",
           "naive_bridge": "ablation: naive Bridge (resize + 1x1), 1 step",
           "exact_path": "ablation: exact decode-resize-encode path, 1 step",
+          "exact_path_2000": "variant: exact path, 2000 iterations (4x), 1 step",
           "regression": "variant: + DMD1's regression onto teacher samples (--reg-weight 20), 1 step",
           "bridge_finetune": "variant: + projector fine-tuned on the current samples (--bridge-lr 1e-3), 1 step",
           "same_space": "reference: same-space distillation, 1 step"}
