@@ -11,12 +11,13 @@ Rows (200 fixed prompts of the judge, toy_train.eval_prompts; mean +- std over -
   ablations, 1 step: no attention fidelity (--attn-weight 0), naive Bridge (--bridge-kind naive: bilinear resize +
   1x1 conv), exact path (--bridge-kind exact: back-propagation through decode-resize-encode), same-space
   distillation (--bridge-kind identity from the same-space teacher: no Bridge needed, the reference point); and
-  two variants: + DMD1's regression loss onto the teacher's own samples (--reg-weight 20); + the projector fine-tuned
-  during stage 2 on its reconstruction of the current samples (--bridge-lr 1e-3).
+  three variants: + DMD1's regression loss onto the teacher's own samples (--reg-weight 20); + the projector fine-tuned
+  during stage 2 on its reconstruction of the current samples (--bridge-lr 1e-3); the exact path for 2000 iterations
+  instead of 500 (--steps 2000; ~40 minutes a run).
 Wall time: sampling and judging the 200 prompts (model rows), or the whole distill.py run (both stages and its judging
 before and after) for distilled rows. Every run is a subprocess on one CPU thread; --jobs run at once.
 
-    python toy_table.py                     # everything (3 seeds; ~2 hours on 2 cores)
+    python toy_table.py                     # everything (3 seeds; ~3 hours on 2 cores)
     python toy_table.py --rows distilled --seeds 0   # one row, one seed
 Each run's result lands in out/table/ROW_sSEED/result.json; assets/toy/table.json and the printed markdown table
 are built from all of them (--collect: just that).
