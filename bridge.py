@@ -5,9 +5,10 @@ Cross-Space Distillation (arXiv 2606.32020; only the abstract is public) distill
 The two latent spaces differ in channels, resolution and statistics, so the student's output z_s is mapped into the
 teacher's space by a Bridge: the FROZEN student VAE decoder, run only up to its feature map at the teacher latent's
 resolution (a spatial prior: it already knows how to turn z_s into image structure), then a small learned projector
-to 16 channels. The Bridge is trained to reproduce the teacher latent of the same image (reconstruction) and so that
-the frozen teacher attends to text alike for the bridged and the true latent (attention fidelity). Distribution
-matching (DMD2) then runs in teacher space and its gradient flows back through Bridge and decoder into the student.
+to 16 channels (tap "pixels": the whole decoder, and strided convs from the image). The Bridge is trained to
+reproduce the teacher latent of the same image (reconstruction) and so that the frozen teacher attends to text
+alike for the bridged and the true latent (attention fidelity). Distribution matching (DMD2) then runs in teacher
+space and its gradient flows back through Bridge and decoder into the student.
 
 Where the abstract is silent, the choices here are ours; each is marked "CHOICE" and is configurable.
 Time convention: sigma in [0, 1], 1 = pure noise; x_sigma = (1 - sigma) x0 + sigma noise; v = noise - x0.
@@ -52,7 +53,7 @@ class ResBlock(nn.Module):
 
 
 class Bridge(nn.Module):
-    """z_s (B, 4, h, w) -> z_t_hat (B, 16, scale*h, scale*w): frozen decoder features + learned projector.
+    """z_s (B, 4, h, w) -> z_t_hat (B, 16, scale*h, scale*w): frozen decoder (features or image) + learned projector.
 
     The student VAE is held in a plain tuple, NOT as a submodule: state_dict(), parameters(), optimizers, DDP and
     .to() see only the projector (the decoder is frozen, shared with the rest of the pipeline, and saving or
@@ -62,14 +63,28 @@ class Bridge(nn.Module):
     `vae.decoder.gradient_checkpointing = True` to trade its activations for recompute at 1024 px.
     """
 
-    def __init__(self, student_vae, teacher_channels=16, scale=2, width=128, depth=2):
+    def __init__(self, student_vae, teacher_channels=16, scale=2, width=128, depth=2, tap="features"):
         super().__init__()
         self._vae = (student_vae.requires_grad_(False).eval(),)
-        self.scale = scale
-        c = feature_channels(student_vae.cfg, scale)
-        # CHOICE: a 1x1 conv in (channel reduction only; 512 -> 128 at 3x3 would alone be 2x the rest),
-        # `depth` pre-norm residual 3x3 blocks for local mixing, GroupNorm-SiLU-3x3 conv out (as the VAE's heads).
-        self.proj_in = nn.Conv2d(c, width, 1)
+        self.scale, self.tap = scale, tap
+        # CHOICE (tap): where the projector reads the frozen decoder. "features": its feature map at the teacher
+        # latent's resolution (the decoder runs only that far), a 1x1 conv in (channel reduction only; 512 -> 128 at
+        # 3x3 would alone be 2x the rest). "pixels": the whole decoder, the image clamped to [-1, 1] as the exact
+        # path does, then strided 3x3 convs down to the teacher latent's resolution. On the toy, the pixel tap's
+        # vector-Jacobian products (what carries the DMD gradient into the student) match the exact path's at
+        # cosine 0.985, the feature tap's at 0.91 however long it trains (README, "Where the Bridge loses").
+        # Then `depth` pre-norm residual 3x3 blocks for local mixing, GroupNorm-SiLU-3x3 conv out (as the VAE's heads).
+        if tap == "features":
+            self.proj_in = nn.Conv2d(feature_channels(student_vae.cfg, scale), width, 1)
+        elif tap == "pixels":
+            down = 2 ** (len(student_vae.cfg.ch_mult) - 1) // scale  # student pixels per teacher latent
+            if down < 1 or down & (down - 1):
+                raise ValueError(f"Bridge: tap 'pixels' needs scale <= {2 ** (len(student_vae.cfg.ch_mult) - 1)}")
+            self.proj_in = nn.Conv2d(3, width, 3, padding=1)
+            self.down = nn.ModuleList(nn.Conv2d(width, width, 3, stride=2, padding=1)
+                                      for _ in range(int(math.log2(down))))
+        else:
+            raise ValueError(f"Bridge: tap {tap!r} not in ('features', 'pixels')")
         self.blocks = nn.ModuleList(ResBlock(width) for _ in range(depth))
         self.norm_out = GroupNorm(math.gcd(32, width), width, eps=1e-6)
         self.proj_out = nn.Conv2d(width, teacher_channels, 3, padding=1)
@@ -80,8 +95,14 @@ class Bridge(nn.Module):
 
     def forward(self, z_s):
         z_s = z_s.to(self.vae.decoder.conv_in.weight.dtype)  # a differentiable cast: e.g. fp32 student, bf16 VAE
-        feats = self.vae.decode_features(z_s, self.scale)  # (B, C_feat, scale*h, scale*w), frozen decoder
-        h = self.proj_in(feats.to(self.proj_in.weight.dtype))
+        if self.tap == "features":
+            feats = self.vae.decode_features(z_s, self.scale)  # (B, C_feat, scale*h, scale*w), frozen decoder
+            h = self.proj_in(feats.to(self.proj_in.weight.dtype))
+        else:
+            img = self.vae.decode(z_s).clamp(-1, 1)  # (B, 3, 8h, 8w): clamped, so saturated pixels pass no gradient
+            h = self.proj_in(img.to(self.proj_in.weight.dtype))
+            for conv in self.down:
+                h = conv(F.silu(h))  # halves the resolution, down to (B, width, scale*h, scale*w)
         for block in self.blocks:
             h = block(h)
         return self.proj_out(F.silu(self.norm_out(h)))  # (B, 16, scale*h, scale*w)
@@ -93,12 +114,14 @@ class Bridge(nn.Module):
         """The decoder modules that forward runs: post_quant_conv, conv_in, mid, then the levels up to the tap."""
         vae, n = self.vae, len(self.vae.cfg.ch_mult)
         mods = [vae.post_quant_conv] if vae.cfg.use_quant_conv else []
+        if self.tap == "pixels":
+            return mods + [vae.decoder]
         mods += [vae.decoder.conv_in, vae.decoder.mid]
         return mods + [vae.decoder.up[n - 1 - j] for j in range(int(math.log2(self.scale)))]
 
     def describe(self) -> str:
         dec = sum(p.numel() for m in self.decoder_part() for p in m.parameters())
-        return (f"Bridge x{self.scale}: projector {self.num_params() / 1e6:.2f}M trainable params on "
+        return (f"Bridge x{self.scale} ({self.tap} tap): projector {self.num_params() / 1e6:.2f}M trainable params on "
                 f"{dec / 1e6:.2f}M frozen decoder params ({100 * self.num_params() / dec:.1f}%)")
 
 

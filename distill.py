@@ -124,6 +124,9 @@ g.add_argument("--bridge-batch", type=int, help="per process")
 g.add_argument("--bridge-train-lr", type=float, default=1e-3)
 g.add_argument("--bridge-width", type=int)
 g.add_argument("--bridge-depth", type=int)
+g.add_argument("--bridge-tap", choices=["features", "pixels"], default="features",
+               help="where the projector reads the frozen student decoder: its feature map at the teacher latent's "
+               "resolution, or the decoded image (the whole decoder; its gradient matches the exact path's far better)")
 d = BR.BridgeLossConfig()
 g.add_argument("--rec-weight", type=float, default=d.rec_weight)
 g.add_argument("--attn-weight", type=float, default=d.attn_weight)
@@ -381,7 +384,7 @@ torch.manual_seed(args.seed)  # LoRA init: the same whether or not this run has 
 TM.add_lora(teacher, args.lora_rank)
 torch.manual_seed(args.seed)
 ct = tvae.cfg.latent_channels  # teacher latent channels: 16 (4 for a same-space teacher)
-bridge = BR.Bridge(svae, ct, scale, args.bridge_width, args.bridge_depth).to(device)
+bridge = BR.Bridge(svae, ct, scale, args.bridge_width, args.bridge_depth, args.bridge_tap).to(device)
 naive = BR.NaiveBridge(4, ct, scale).to(device)  # stage 1's baseline (trained beside it: same data, reconstruction)
 # The map into teacher space in stage 2: the Bridge, or an ablation (see --bridge-kind). Its parameters (if any) are
 # the checkpoint's "projector".

@@ -47,6 +47,7 @@ DISTILL_ROWS = {  # row -> distill.py flags (on top of --preset toy)
     "exact_path_2000": ["--bridge-kind", "exact", "--steps", "2000"],
     "regression": ["--reg-weight", "20"],
     "bridge_finetune": ["--bridge-lr", "1e-3"],
+    "pixel_tap": ["--bridge-tap", "pixels", "--bridge-steps", "400"],
     "same_space": ["--bridge-kind", "identity", "--teacher", str(SAME_SPACE / "toy_sd35_4ch.safetensors"),
                    "--text-encoders", str(SAME_SPACE / "text_encoders"), "--teacher-res", "64"],
 }
@@ -64,6 +65,7 @@ LABELS = {"student_1step": "base student, 1 step (t = 999, CFG 7.5)", "student_d
           "exact_path_2000": "variant: exact path, 2000 iterations (4x), 1 step",
           "regression": "variant: + DMD1's regression onto teacher samples (--reg-weight 20), 1 step",
           "bridge_finetune": "variant: + projector fine-tuned on the current samples (--bridge-lr 1e-3), 1 step",
+          "pixel_tap": "variant: the Bridge reads the decoded image (--bridge-tap pixels, 400 stage-1 steps), 1 step",
           "same_space": "reference: same-space distillation, 1 step"}
 METRICS = ("all_correct", "shape", "color", "background", "position", "size", "fd")
 
@@ -120,7 +122,8 @@ def distill_row(row: str, seed: int) -> dict:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
     judged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     judged = [r for r in judged if r.get("stage") == "judge"][-1]
-    return judged["student"] | {"seconds": time.time() - t0, "base": judged["base"]["all_correct"]}
+    return judged["student"] | {"seconds": time.time() - t0, "base": judged["base"]["all_correct"],
+                                "ema": judged["ema"]["all_correct"] if "ema" in judged else None}
 
 
 def run(job):

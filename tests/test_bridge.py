@@ -19,7 +19,7 @@ from bridge import (
 )
 from weights import build_meta
 
-PROJECTOR = ("proj_in.", "blocks.", "norm_out.", "proj_out.")
+PROJECTOR = ("proj_in.", "down.", "blocks.", "norm_out.", "proj_out.")
 
 
 def make_vae(name, seed):
@@ -56,16 +56,17 @@ def test_scale_for_and_blocks():
     torch.testing.assert_close(s, 3 * u / (1 + 2 * u))
 
 
+@pytest.mark.parametrize("tap", ["features", "pixels"])
 @pytest.mark.parametrize("teacher_hw,scale", [((16, 16), 2), ((8, 8), 1)])
-def test_shapes_and_state(vaes, teacher_hw, scale):
+def test_shapes_and_state(vaes, teacher_hw, scale, tap):
     student, _ = vaes
     z = torch.randn(2, 4, 8, 8)
     assert scale_for(z.shape[-2:], teacher_hw) == scale
-    bridge = Bridge(student, scale=scale, width=32, depth=2)
+    bridge = Bridge(student, scale=scale, width=32, depth=2, tap=tap)
     assert bridge(z).shape == (2, 16, *teacher_hw)
     assert NaiveBridge(scale=scale)(z).shape == (2, 16, *teacher_hw)
     # bf16 decoder, fp32 projector and student latents: casts are differentiable, output in the projector's dtype
-    half = Bridge(make_vae("tiny_sd15", 0).to(torch.bfloat16), scale=scale, width=32, depth=2)
+    half = Bridge(make_vae("tiny_sd15", 0).to(torch.bfloat16), scale=scale, width=32, depth=2, tap=tap)
     zg = z.clone().requires_grad_()
     out = half(zg)
     out.square().mean().backward()
@@ -77,6 +78,35 @@ def test_shapes_and_state(vaes, teacher_hw, scale):
     assert sum(v.numel() for v in bridge.state_dict().values()) == bridge.num_params()
     dec = sum(p.numel() for m in bridge.decoder_part() for p in m.parameters())
     assert bridge.num_params() < dec, bridge.describe()
+
+
+def test_pixel_tap_is_decode_clamp_then_projector(vaes):
+    """The pixel tap, recomputed with functional ops: the student VAE's image clamped to [-1, 1], 3x3 conv in, SiLU +
+    stride-2 3x3 conv per halving (8x8 latent, 64 px -> 16x16 at scale 2: two), the residual blocks, the head.
+    Gradients reach z_s, and none from pixels the clamp cut (their image gradient is zero)."""
+    student, _ = vaes
+    torch.manual_seed(6)
+    bridge = Bridge(student, scale=2, width=32, depth=2, tap="pixels")
+    assert len(bridge.down) == 2 and [m for m in bridge.decoder_part() if m is student.decoder]
+    z = (3 * torch.randn(2, 4, 8, 8)).requires_grad_()
+    img = student.decode(z)
+    assert (img.abs() > 1).any() and (img.abs() < 1).any()  # both kinds of pixels occur
+    h = F.conv2d(img.clamp(-1, 1), bridge.proj_in.weight, bridge.proj_in.bias, padding=1)
+    for conv in bridge.down:
+        h = F.conv2d(F.silu(h), conv.weight, conv.bias, stride=2, padding=1)
+    for b in bridge.blocks:
+        h = h + F.conv2d(F.silu(F.group_norm(h, 32, b.norm.weight, b.norm.bias, 1e-6)), b.conv.weight, b.conv.bias,
+                         padding=1)
+    h = F.silu(F.group_norm(h, 32, bridge.norm_out.weight, bridge.norm_out.bias, 1e-6))
+    ref = F.conv2d(h, bridge.proj_out.weight, bridge.proj_out.bias, padding=1)
+    out = bridge(z)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    img_grad = torch.autograd.grad(bridge.proj_in(img.clamp(-1, 1)).sum(), img, retain_graph=True)[0]
+    assert (img_grad[img.abs() > 1] == 0).all() and (img_grad[img.abs() < 1] != 0).any()
+    out.square().mean().backward()
+    assert z.grad.abs().max() > 0 and not any(p.grad is not None for p in student.parameters())
+    with pytest.raises(ValueError, match="tap"):
+        Bridge(student, scale=2, tap="latents")
 
 
 def test_full_size_param_counts():

@@ -404,21 +404,28 @@ def test_preset_reruns_over_its_own_finished_run(main_run):
 
 def test_bridge_kinds(main_run, tmp_path):
     """The ablations' maps into teacher space (--bridge-kind): naive is trained in stage 1 beside the Bridge and saved;
-    exact skips stage 1 and back-propagates through decode-resize-encode. Both train the student."""
+    exact skips stage 1 and back-propagates through decode-resize-encode. And the Bridge with the pixel tap
+    (--bridge-tap pixels): trained in stage 1, its strided convs saved. All train the student. A pixel-tap projector
+    given to a feature-tap run is refused, naming the keys."""
     main, _ = main_run
-    procs = {kind: start([*FAST, "--steps", "2", "--bridge-kind", kind, "--out", tmp_path / kind])
-             for kind in ("naive", "exact")}
+    flags = {"naive": ["--bridge-kind", "naive"], "exact": ["--bridge-kind", "exact"],
+             "pixels": ["--bridge-tap", "pixels"]}
+    procs = {kind: start([*FAST, "--steps", "2", *f, "--out", tmp_path / kind]) for kind, f in flags.items()}
     base = load_file(main / "tiny" / "student.safetensors")
     for kind, proc in procs.items():
         rc, _, err = finish(proc)
         assert rc == 0, err[-2000:]
         logged = records(tmp_path / kind)
         assert [r["step"] for r in logged] == [1, 2] and all(math.isfinite(r["loss_gen"]) for r in logged[:1])
-        assert len(records(tmp_path / kind, "bridge")) == (4 if kind == "naive" else 0)
-        assert (tmp_path / kind / "naive.safetensors").exists() == (kind == "naive")
+        assert len(records(tmp_path / kind, "bridge")) == (0 if kind == "exact" else 4)
+        assert (tmp_path / kind / "naive.safetensors").exists() == (kind != "exact")
         after = load_file(tmp_path / kind / "student.safetensors")
         changed = [k for k in base if k.startswith("model.diffusion_model.") and not torch.equal(base[k], after[k])]
         assert changed, kind
+    assert any(k.startswith("down.") for k in load_file(tmp_path / "pixels" / "bridge.safetensors"))
+    rc, _, err = run([*FAST, "--steps", "1", "--bridge", tmp_path / "pixels" / "bridge.safetensors",
+                      "--out", tmp_path / "mismatch"])
+    assert rc != 0 and "bridge.safetensors" in err and "down." in err, err[-2000:]
 
 
 def test_gradient_checkpointing_changes_nothing(main_run, tmp_path):
