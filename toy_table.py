@@ -48,6 +48,7 @@ DISTILL_ROWS = {  # row -> distill.py flags (on top of --preset toy)
     "regression": ["--reg-weight", "20"],
     "bridge_finetune": ["--bridge-lr", "1e-3"],
     "pixel_tap": ["--bridge-tap", "pixels", "--bridge-steps", "400"],
+    "pixel_tap_2000": ["--bridge-tap", "pixels", "--bridge-steps", "400", "--steps", "2000"],
     "same_space": ["--bridge-kind", "identity", "--teacher", str(SAME_SPACE / "toy_sd35_4ch.safetensors"),
                    "--text-encoders", str(SAME_SPACE / "text_encoders"), "--teacher-res", "64"],
 }
@@ -66,6 +67,7 @@ LABELS = {"student_1step": "base student, 1 step (t = 999, CFG 7.5)", "student_d
           "regression": "variant: + DMD1's regression onto teacher samples (--reg-weight 20), 1 step",
           "bridge_finetune": "variant: + projector fine-tuned on the current samples (--bridge-lr 1e-3), 1 step",
           "pixel_tap": "variant: the Bridge reads the decoded image (--bridge-tap pixels, 400 stage-1 steps), 1 step",
+          "pixel_tap_2000": "variant: the Bridge reads the decoded image, 2000 iterations (4x), 1 step",
           "same_space": "reference: same-space distillation, 1 step"}
 METRICS = ("all_correct", "shape", "color", "background", "position", "size", "fd")
 
