@@ -3,12 +3,12 @@
 Cross-Space Distillation (arXiv 2606.32020; only the abstract is public) distills a flow-matching teacher
 (SD 3.5 / FLUX, 16-channel latents, 128x128 at 1024 px) into a one-step SD 1.5 student (4 channels, 64x64 at 512 px).
 The two latent spaces differ in channels, resolution and statistics, so the student's output z_s is mapped into the
-teacher's space by a Bridge: the FROZEN student VAE decoder, run only up to its feature map at the teacher latent's
-resolution (a spatial prior: it already knows how to turn z_s into image structure), then a small learned projector
-to 16 channels (tap "pixels": the whole decoder, and strided convs from the image). The Bridge is trained to
-reproduce the teacher latent of the same image (reconstruction) and so that the frozen teacher attends to text
-alike for the bridged and the true latent (attention fidelity). Distribution matching (DMD2) then runs in teacher
-space and its gradient flows back through Bridge and decoder into the student.
+teacher's space by a Bridge: the FROZEN student VAE decoder (a spatial prior: it already knows how to turn z_s into
+image structure), then a small learned projector to 16 channels, reading either the decoder's feature map at the
+teacher latent's resolution (tap "features": the decoder runs only that far) or the decoded image (tap "pixels").
+The Bridge is trained to reproduce the teacher latent of the same image (reconstruction) and so that the frozen
+teacher attends to text alike for the bridged and the true latent (attention fidelity). Distribution matching
+(DMD2) then runs in teacher space and its gradient flows back through Bridge and decoder into the student.
 
 Where the abstract is silent, the choices here are ours; each is marked "CHOICE" and is configurable.
 Time convention: sigma in [0, 1], 1 = pure noise; x_sigma = (1 - sigma) x0 + sigma noise; v = noise - x0.

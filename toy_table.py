@@ -6,18 +6,21 @@ Rows (200 fixed prompts of the judge, toy_train.eval_prompts; mean +- std over -
   teacher through the student VAE                   the ceiling of a student that draws the teacher's images: those
                                                     images at the student's size, encoded and decoded by the student
                                                     VAE, or rendered by its decoder from the best latent for each
-  distilled student, 1 step                         `python distill.py --preset toy --seed S`, both stages; the
-                                                    judge's one-step score at the end of the run (distill.py --eval)
-  ablations, 1 step: no attention fidelity (--attn-weight 0), naive Bridge (--bridge-kind naive: bilinear resize +
-  1x1 conv), exact path (--bridge-kind exact: back-propagation through decode-resize-encode), same-space
-  distillation (--bridge-kind identity from the same-space teacher: no Bridge needed, the reference point); and
-  three variants: + DMD1's regression loss onto the teacher's own samples (--reg-weight 20); + the projector fine-tuned
-  during stage 2 on its reconstruction of the current samples (--bridge-lr 1e-3); the exact path for 2000 iterations
-  instead of 500 (--steps 2000; ~40 minutes a run).
+  distilled student, 1 step                         `python distill.py --preset toy --seed S`, both stages (the
+                                                    Bridge on the decoded image); the judge's one-step score at the
+                                                    end of the run (distill.py --eval); also for 2000 iterations
+  ablations, 1 step: no attention fidelity (--attn-weight 0); the Bridge on a decoder feature map (--bridge-tap
+  features, 150 stage-1 steps: the toy preset before the pixel tap), with and without attention fidelity; naive Bridge
+  (--bridge-kind naive: bilinear resize + 1x1 conv), exact path (--bridge-kind exact: back-propagation through
+  decode-resize-encode), same-space distillation (--bridge-kind identity from the same-space teacher: no Bridge needed,
+  the reference point); and three variants: + DMD1's regression loss onto the teacher's own samples (--reg-weight 20);
+  + the projector fine-tuned during stage 2 on its reconstruction of the current samples (--bridge-lr 1e-3); the exact
+  path for 2000 iterations instead of 500 (--steps 2000; ~40 minutes a run). The rows after the naive Bridge's keep
+  the feature tap's flags (FEATURE_TAP), so that they are the same runs as before the toy preset moved to the pixel tap.
 Wall time: sampling and judging the 200 prompts (model rows), or the whole distill.py run (both stages and its judging
 before and after) for distilled rows. Every run is a subprocess on one CPU thread; --jobs run at once.
 
-    python toy_table.py                     # everything (3 seeds; ~3 hours on 2 cores)
+    python toy_table.py                     # everything (3 seeds; ~5 hours on 2 cores)
     python toy_table.py --rows distilled --seeds 0   # one row, one seed
 Each run's result lands in out/table/ROW_sSEED/result.json; assets/toy/table.json and the printed markdown table
 are built from all of them (--collect: just that).
@@ -39,17 +42,19 @@ ROOT = Path(__file__).resolve().parent
 OUT = ROOT / "out" / "table"
 TABLE = ROOT / "assets" / "toy" / "table.json"
 SAME_SPACE = ROOT / "assets" / "toy" / "same_space"
+FEATURE_TAP = ["--bridge-tap", "features", "--bridge-steps", "150"]  # the toy preset before the pixel tap (its rows)
 DISTILL_ROWS = {  # row -> distill.py flags (on top of --preset toy)
     "distilled": [],
+    "distilled_2000": ["--steps", "2000"],
     "no_attention_fidelity": ["--attn-weight", "0"],
     "naive_bridge": ["--bridge-kind", "naive"],
-    "exact_path": ["--bridge-kind", "exact"],
-    "exact_path_2000": ["--bridge-kind", "exact", "--steps", "2000"],
-    "regression": ["--reg-weight", "20"],
-    "bridge_finetune": ["--bridge-lr", "1e-3"],
-    "pixel_tap": ["--bridge-tap", "pixels", "--bridge-steps", "400"],
-    "pixel_tap_2000": ["--bridge-tap", "pixels", "--bridge-steps", "400", "--steps", "2000"],
-    "same_space": ["--bridge-kind", "identity", "--teacher", str(SAME_SPACE / "toy_sd35_4ch.safetensors"),
+    "feature_tap": FEATURE_TAP,
+    "feature_tap_no_attention_fidelity": [*FEATURE_TAP, "--attn-weight", "0"],
+    "exact_path": [*FEATURE_TAP, "--bridge-kind", "exact"],
+    "exact_path_2000": [*FEATURE_TAP, "--bridge-kind", "exact", "--steps", "2000"],
+    "regression": [*FEATURE_TAP, "--reg-weight", "20"],
+    "bridge_finetune": [*FEATURE_TAP, "--bridge-lr", "1e-3"],
+    "same_space": [*FEATURE_TAP, "--bridge-kind", "identity", "--teacher", str(SAME_SPACE / "toy_sd35_4ch.safetensors"),
                    "--text-encoders", str(SAME_SPACE / "text_encoders"), "--teacher-res", "64"],
 }
 MODEL_ROWS = ("student_1step", "student_ddim25", "teacher_euler28", "same_space_teacher_euler28",
@@ -59,15 +64,17 @@ LABELS = {"student_1step": "base student, 1 step (t = 999, CFG 7.5)", "student_d
           "same_space_teacher_euler28": "same-space teacher (4 ch, 64 px), 28 Euler steps",
           "teacher_via_student_vae": "ceiling: the teacher's images, student VAE encode + decode",
           "teacher_via_student_decoder": "ceiling: the teacher's images, student decoder from the best latent",
-          "distilled": "**distilled student, 1 step (Bridge)** (t = 800)",
+          "distilled": "**distilled student, 1 step (Bridge)** (t = 800; `python distill.py`)",
+          "distilled_2000": "**distilled student, 2000 iterations (4x), 1 step (Bridge)**",
           "no_attention_fidelity": "ablation: no attention fidelity, 1 step",
+          "feature_tap": "ablation: the Bridge on a decoder feature map (`--bridge-tap features`), 1 step",
+          "feature_tap_no_attention_fidelity": "ablation: feature tap, no attention fidelity, 1 step",
           "naive_bridge": "ablation: naive Bridge (resize + 1x1), 1 step",
           "exact_path": "ablation: exact decode-resize-encode path, 1 step",
           "exact_path_2000": "variant: exact path, 2000 iterations (4x), 1 step",
-          "regression": "variant: + DMD1's regression onto teacher samples (--reg-weight 20), 1 step",
-          "bridge_finetune": "variant: + projector fine-tuned on the current samples (--bridge-lr 1e-3), 1 step",
-          "pixel_tap": "variant: the Bridge reads the decoded image (--bridge-tap pixels, 400 stage-1 steps), 1 step",
-          "pixel_tap_2000": "variant: the Bridge reads the decoded image, 2000 iterations (4x), 1 step",
+          "regression": "variant: feature tap + DMD1's regression onto teacher samples (--reg-weight 20), 1 step",
+          "bridge_finetune": "variant: feature tap + projector fine-tuned on the current samples (--bridge-lr 1e-3), "
+                             "1 step",
           "same_space": "reference: same-space distillation, 1 step"}
 METRICS = ("all_correct", "shape", "color", "background", "position", "size", "fd")
 
@@ -185,6 +192,7 @@ def main():
         for _ in pool.map(run, jobs):
             table = collect()
             TABLE.write_text(json.dumps(table, indent=1) + "\n")  # after each run: an interrupted table keeps its rows
+    TABLE.write_text(json.dumps(table, indent=1) + "\n")
     order = [r for r in MODEL_ROWS + tuple(DISTILL_ROWS) if r in table]
     print(markdown({r: table[r] for r in order}))
 
