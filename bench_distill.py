@@ -3,6 +3,7 @@
     python bench_distill.py --teacher sd35m --compile     # SD 1.5 + SD3.5-Medium at 1024 px, the defaults (batch 2)
     python bench_distill.py --teacher flux --batch-size 1 # does a FLUX.1-dev teacher fit on one 80 GB GPU?
     python bench_distill.py --teacher sd35m --tiny --device cpu   # smoke test of this script (tiny models)
+    python bench_distill.py --teacher sd35m --bridge-tap pixels   # the Bridge on the decoded image (toy's default)
 
 Writes random models at the released configs, in the released single-file layouts (v1-5-pruned-emaonly;
 sd3.5_medium with its VAE, or flux1-dev + ae beside it), and a random text cache into --work, then runs distill.py on
@@ -133,7 +134,7 @@ with torch.device("meta"):
     tm = TM.Flux(tcfg) if flux else TM.MMDiT(tcfg)
     TM.add_lora(tm, used["lora_rank"])
     bridge = BR.Bridge(svae, tvae_cfg.latent_channels, teacher_res // student_res, used["bridge_width"],
-                       used["bridge_depth"])
+                       used["bridge_depth"], used["bridge_tap"])  # the tap the run used (e.g. --bridge-tap pixels)
     zs = torch.randn(B, 4, hs, hs, requires_grad=True)
     t, sctx = torch.full((B,), 999), torch.randn(B, 77, unet_cfg.context_dim)
     x, sigma = torch.randn(B, tvae_cfg.latent_channels, ht, ht), torch.rand(B)
