@@ -16,11 +16,12 @@ References: Yin et al. 2024, "Improved Distribution Matching Distillation for Fa
 arXiv 2405.14867, its `loss = 0.5 * mse(x, sg(x - grad))` form); Esser et al. 2024 (SD3 time shift).
 """
 import math
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from vae import GroupNorm
 
@@ -48,7 +49,7 @@ class ResBlock(nn.Module):
         super().__init__()
         self.norm, self.conv = GroupNorm(math.gcd(32, c), c, eps=1e-6), nn.Conv2d(c, c, 3, padding=1)
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tensor:
         return x + self.conv(F.silu(self.norm(x)))
 
 
@@ -71,8 +72,8 @@ class Bridge(nn.Module):
         # latent's resolution (the decoder runs only that far), a 1x1 conv in (channel reduction only; 512 -> 128 at
         # 3x3 would alone be 2x the rest). "pixels": the whole decoder, the image clamped to [-1, 1] as the exact
         # path does, then strided 3x3 convs down to the teacher latent's resolution. On the toy, the pixel tap's
-        # vector-Jacobian products (what carries the DMD gradient into the student) match the exact path's at
-        # cosine 0.985, the feature tap's at 0.91 however long it trains (README, "Where the Bridge loses").
+        # vector-Jacobian products (what carries the DMD gradient into the student) match the exact path's far
+        # better than the feature tap's, however long that trains (toy/LOG.md#bridge-gap).
         # Then `depth` pre-norm residual 3x3 blocks for local mixing, GroupNorm-SiLU-3x3 conv out (as the VAE's heads).
         if tap == "features":
             self.proj_in = nn.Conv2d(feature_channels(student_vae.cfg, scale), width, 1)
@@ -93,7 +94,7 @@ class Bridge(nn.Module):
     def vae(self):
         return self._vae[0]
 
-    def forward(self, z_s):
+    def forward(self, z_s: Tensor) -> Tensor:
         z_s = z_s.to(self.vae.decoder.conv_in.weight.dtype)  # a differentiable cast: e.g. fp32 student, bf16 VAE
         if self.tap == "features":
             feats = self.vae.decode_features(z_s, self.scale)  # (B, C_feat, scale*h, scale*w), frozen decoder
@@ -133,7 +134,7 @@ class NaiveBridge(nn.Module):
         self.scale = scale
         self.proj = nn.Conv2d(student_channels, teacher_channels, 1)
 
-    def forward(self, z_s):
+    def forward(self, z_s: Tensor) -> Tensor:
         z = F.interpolate(z_s, scale_factor=self.scale, mode="bilinear", align_corners=False) if self.scale > 1 else z_s
         return self.proj(z.to(self.proj.weight.dtype))
 
@@ -150,7 +151,7 @@ class ExactPath(nn.Module):
         self._vaes = (student_vae, teacher_vae)
         self.teacher_hw = tuple(teacher_hw)
 
-    def forward(self, z_s):
+    def forward(self, z_s: Tensor) -> Tensor:
         svae, tvae = self._vaes
         img = svae.decode(z_s.to(svae.decoder.conv_in.weight.dtype)).clamp(-1, 1)  # (B, 3, 8h, 8w)
         f = 2 ** (len(tvae.cfg.ch_mult) - 1)
@@ -165,6 +166,35 @@ def bridge_target(student_vae, teacher_vae, z_s, teacher_hw):
     """z_t_star: the teacher latent of the image the student latent decodes to (teacher_hw: the teacher LATENT
     size). Costs a full student decode and teacher encode at full resolution (the Bridge avoids both)."""
     return ExactPath(student_vae, teacher_vae, teacher_hw)(z_s)
+
+
+@torch.no_grad()
+def held_out_report(bridge, naive, exact, zs, zt, batch: int, autocast, sync) -> dict:
+    """Stage 1's report on held-out latents zs -> zt: reconstruction MSE of the Bridge, of the naive baseline and of
+    predicting zero; milliseconds per sample of the Bridge and of the exact decode-resize-encode path (`exact`), each
+    timed after one warm-up batch. `autocast()`: the run's autocast context; `sync()`: waits for the device."""
+    with autocast():
+        mse = {name: reconstruction_loss(f(zs), zt).item() for name, f in (("bridge", bridge), ("naive", naive))}
+        mse["zero"] = zt.float().pow(2).mean().item()
+        cost = {}
+        for name, f in (("bridge", bridge), ("exact", exact)):
+            f(zs[:batch])  # warm-up
+            sync()
+            t0 = time.perf_counter()
+            for i in range(0, len(zs), batch):
+                f(zs[i:i + batch])
+            sync()
+            cost[name] = 1000 * (time.perf_counter() - t0) / len(zs)
+    return dict(mse_bridge=mse["bridge"], mse_naive=mse["naive"], mse_zero=mse["zero"], ms_bridge=cost["bridge"],
+                ms_exact=cost["exact"], held_out=len(zs))
+
+
+def format_report(r: dict) -> str:
+    """held_out_report's numbers, as distill.py prints them."""
+    return (f"bridge: held-out ({r['held_out']} latents) reconstruction MSE {r['mse_bridge']:.4f} | naive "
+            f"{r['mse_naive']:.4f} | predicting zero {r['mse_zero']:.4f}\nbridge: cost {r['ms_bridge']:.2f} "
+            f"ms/sample vs exact decode-resize-encode {r['ms_exact']:.2f} ms/sample "
+            f"({r['ms_exact'] / r['ms_bridge']:.1f}x faster)")
 
 
 # ----------------------------------------------------------------------------- Bridge losses
@@ -277,7 +307,7 @@ class RealismHead(nn.Module):
         self.fc1 = nn.Linear(dim, dim)
         self.fc2 = nn.Linear(dim, 1)
 
-    def forward(self, tokens):  # (B, N_img, C) -> (B,); fp32 (a few thousand FLOPs per token)
+    def forward(self, tokens: Tensor) -> Tensor:  # (B, N_img, C) -> (B,); fp32 (a few thousand FLOPs per token)
         return self.fc2(F.silu(self.fc1(self.norm(tokens.float())))).mean((1, 2))
 
 

@@ -6,7 +6,7 @@
 
 The single file is what the original CompVis / Stability tools and every UI read: `model.diffusion_model.*` (UNet),
 `first_stage_model.*` (VAE), `cond_stage_model.transformer.text_model.*` (CLIP-L). Our module paths ARE the original
-names (unet.py, vae.py, text_encoders.py), so no renaming happens; safetensors metadata marks a distilled student
+names (unet.py, vae.py, text/encoders.py), so no renaming happens; safetensors metadata marks a distilled student
 ({"distilled": "1", "steps": "1", "timestep": "999"}: one step from pure noise at t = 999) for samplers to read.
 The diffusers folder is `config.json` (UNet2DConditionModel) + `diffusion_pytorch_model.safetensors`, named through
 unet.unet_key_map. Every file is written atomically (temp file + rename). Reference for the diffusers config fields:
@@ -15,6 +15,7 @@ diffusers 0.42 UNet2DConditionModel.__init__ and the SD 1.5 `unet/config.json`.
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from text_encoders import load_clip
+from text.encoders import load_clip
 from unet import UNet, _config_original, load_unet, unet_key_map
 from vae import load_vae
 from weights import Checkpoint, CheckpointError, build_meta, find_component, load_state, save_atomic
@@ -41,6 +42,17 @@ def export_sd15_single_file(unet, vae, clip, path, metadata=None, dtype=None) ->
     for prefix, model in ((UNET, unet), (VAE, vae), (CLIP, clip)):
         tensors.update({prefix + k: v for k, v in _cast(model.state_dict(), dtype).items()})
     save_atomic(tensors, path, metadata={str(k): str(v) for k, v in (metadata or {}).items()})
+
+
+def export_distilled(unet, base, out: Path, metadata: dict, ema=None, ema_decay: float = 0.0) -> None:
+    """distill.py's exports: out/student.safetensors (and student_ema.safetensors) with the base student's own VAE
+    and CLIP-L, as released (fp32), and the base's tokenizer.json when it has a vocabulary of its own (the toy's)."""
+    vae, clip = load_vae(base, family="sd15"), load_clip(find_component(base, "text_encoder"))
+    export_sd15_single_file(unet, vae, clip, out / "student.safetensors", metadata)
+    if ema is not None:
+        export_sd15_single_file(ema, vae, clip, out / "student_ema.safetensors", metadata | {"ema": str(ema_decay)})
+    if (tok := Path(base).parent / "tokenizer.json").is_file():
+        shutil.copyfile(tok, out / "tokenizer.json")
 
 
 def diffusers_unet_config(cfg) -> dict:

@@ -34,7 +34,6 @@ References: Song et al. 2020 (DDIM); Esser et al. 2024 (rectified flow, SD3); di
 """
 import argparse
 import json
-import math
 import os
 import sys
 import tempfile
@@ -44,14 +43,14 @@ import numpy as np
 import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
-from tqdm import tqdm
 
-from conditioning import load_teacher_text
-from teacher_mmdit import FluxConfig, detect_teacher, load_teacher
-from text_encoders import load_clip
-from tokenizer import find_clip_tokenizer
-from unet import load_unet
-from vae import load_vae
+import teachers as TL
+from teacher_mmdit import FluxConfig
+from text.conditioning import load_teacher_text
+from text.encoders import load_clip
+from text.tokenizer import find_clip_tokenizer
+from unet import load_unet, sample_one_step, sample_sd15
+from vae import load_vae, to_uint8
 from weights import Checkpoint, CheckpointError, describe, find_component
 
 # --ckpt by default: what `python distill.py [--preset toy]` wrote, else the committed distilled toy student
@@ -68,150 +67,6 @@ class UsageError(ValueError):
     """A bad flag value: printed as one line, like CheckpointError."""
 
 
-# ----------------------------------------------------------------------------- SD 1.5: DDIM
-
-def sd15_alphas_cumprod() -> torch.Tensor:
-    """(1000,) fp32 alpha-bar of SD 1.5's DDPM schedule: betas linear in sqrt space from 0.00085 to 0.012
-    (v1-inference.yaml linear_start / linear_end, "scaled_linear" in diffusers), computed in fp32 as diffusers does."""
-    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float32) ** 2
-    return torch.cumprod(1.0 - betas, dim=0)
-
-
-def ddim_schedule(steps: int):
-    """DDIM timesteps (steps,) int64, high to low, with alpha-bar at each and at the step it jumps to.
-    "leading" spacing: t = k * (1000 // steps) + 1 (steps_offset 1); the last step jumps to alpha-bar[0], not 1
-    (set_alpha_to_one False), so the final latent keeps a trace of noise, as SD 1.5 was released."""
-    ac = sd15_alphas_cumprod()
-    ratio = 1000 // steps
-    t = torch.arange(steps - 1, -1, -1, dtype=torch.int64) * ratio + 1
-    prev = t - ratio
-    return t, ac[t], torch.where(prev >= 0, ac[prev.clamp(min=0)], ac[0])
-
-
-def ddim_step(x, eps, alpha, alpha_prev):
-    """One deterministic DDIM step (eta 0) from alpha-bar `alpha` to `alpha_prev`, eps-prediction, no clipping
-    (SD 1.5's clip_sample False). In fp32: x0 divides by sqrt(alpha-bar) (0.076 at t=981), which would amplify
-    fp16/bf16 rounding of eps ~13x, and x accumulates over all steps; the tensors are small, fp32 costs nothing."""
-    x0 = (x - (1 - alpha) ** 0.5 * eps) / alpha ** 0.5
-    return alpha_prev ** 0.5 * x0 + (1 - alpha_prev) ** 0.5 * eps
-
-
-@torch.no_grad()
-def sample_sd15(unet, clip, tokenizer, prompt, negative, noise, steps, cfg, progress=True) -> torch.Tensor:
-    """noise (B, 4, h, w) on the models' device -> final latent (B, 4, h, w) fp32."""
-    B, dev = noise.shape[0], noise.device
-    texts = ([negative] * B if cfg > 1.0 else []) + [prompt] * B  # as diffusers: cfg <= 1 means no uncond pass
-    return ddim_sample(unet, clip(tokenizer.encode(texts).to(dev)).last_hidden_state, noise, steps, cfg, progress)
-
-
-@torch.no_grad()
-def ddim_sample(unet, context, noise, steps, cfg, progress=False) -> torch.Tensor:
-    """DDIM from noise (B, 4, h, w) -> final latent fp32. context: (B, 77, D), or with classifier-free guidance
-    (cfg > 1) (2B, 77, D) = [uncond; cond], run as one batch: eps = eps_u + cfg * (eps_c - eps_u)."""
-    dev, dtype, guided = noise.device, next(unet.parameters()).dtype, cfg > 1.0
-    timesteps, alphas, alphas_prev = ddim_schedule(steps)
-    x = noise.float()
-    for i in tqdm(range(steps), disable=not progress, desc="ddim"):
-        xin = torch.cat([x, x]) if guided else x
-        eps = unet(xin.to(dtype), timesteps[i].to(dev).expand(xin.shape[0]), context).float()
-        if guided:
-            eps_u, eps_c = eps.chunk(2)
-            eps = eps_u + cfg * (eps_c - eps_u)
-        x = ddim_step(x, eps, alphas[i], alphas_prev[i])
-    return x
-
-
-def one_step_x0(unet, x, t: int, context) -> torch.Tensor:
-    """An eps-prediction UNet's x0 estimate at timestep t: (x - sqrt(1 - abar) eps) / sqrt(abar), in fp32 (abar(999)
-    = 0.0047, so eps errors are amplified ~15x). From pure noise at t = 999: a distilled student's sample."""
-    a = sd15_alphas_cumprod()[t].item()
-    eps = unet(x.to(next(unet.parameters()).dtype), torch.full((x.shape[0],), t, device=x.device), context).float()
-    return (x.float() - (1 - a) ** 0.5 * eps) / a ** 0.5
-
-
-@torch.no_grad()
-def sample_one_step(unet, clip, tokenizer, prompt, noise, steps=1, t_start=999, generator=None) -> torch.Tensor:
-    """A distilled student (distill.py): its x0 estimate from pure noise at t = 999. No CFG: the teacher's guidance is
-    distilled in. steps > 1 (DMD2's multi-step sampling): re-noise x0 with fresh noise to the next of `steps` evenly
-    spaced timesteps (999, 749, 499, 249 for 4) and predict again."""
-    B, dev = noise.shape[0], noise.device
-    context = clip(tokenizer.encode([prompt] * B).to(dev)).last_hidden_state
-    ac = sd15_alphas_cumprod()
-    ts = [t_start - k * ((t_start + 1) // steps) for k in range(steps)]
-    x = noise.float()
-    for i, t in enumerate(ts):
-        x0 = one_step_x0(unet, x, t, context)
-        if i + 1 < len(ts):
-            fresh = torch.randn(x.shape, generator=generator).to(dev)
-            x = ac[ts[i + 1]] ** 0.5 * x0 + (1 - ac[ts[i + 1]]) ** 0.5 * fresh
-    return x0
-
-
-# ----------------------------------------------------------------------------- teachers: Euler flow matching
-
-def sd3_sigmas(steps: int, shift: float = 3.0) -> torch.Tensor:
-    """(steps + 1,) fp32 flow times, 1 -> 0, as FlowMatchEulerDiscreteScheduler(shift=3.0).set_timesteps(steps) for
-    SD3 / SD3.5 (scheduler_config.json: shift 3.0, no dynamic shifting): evenly spaced from 1 down to the scheduler's
-    smallest training sigma, which is itself already shifted (shift(1/1000), computed in fp32 as diffusers does),
-    then shifted: sigma' = shift sigma / (1 + (shift - 1) sigma); a final 0 appended."""
-    lo = torch.tensor(1 / 1000, dtype=torch.float32)
-    lo = (shift * lo / (1 + (shift - 1) * lo)).item()
-    s = np.linspace(1.0, lo, steps)  # float64, as diffusers
-    s = torch.from_numpy(shift * s / (1 + (shift - 1) * s)).float()
-    return torch.cat([s, torch.zeros(1)])
-
-
-def sd3_shift(ckpt) -> float:
-    """An SD3 model's time shift: `shift` of its scheduler config (a pipeline's scheduler/scheduler_config.json, or a
-    scheduler_config.json beside a single file: the toy teacher's), else 3.0 (SD3 / SD3.5 release theirs with 3.0)."""
-    path = Path(ckpt)
-    config = path / "scheduler" / "scheduler_config.json" if path.is_dir() else path.with_name("scheduler_config.json")
-    if not config.is_file():
-        return 3.0
-    try:
-        shift = float(json.loads(config.read_text()).get("shift", 3.0))
-    except (ValueError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"{config}: not a scheduler config with a numeric 'shift' ({e})") from None
-    if shift <= 0:
-        raise CheckpointError(f"{config}: shift must be > 0, found {shift}")
-    return shift
-
-
-def flux_mu(image_tokens: int) -> float:
-    """FLUX.1-dev's resolution-dependent shift: mu linear in the packed image token count, 0.5 at 256 tokens and
-    1.15 at 4096 (FluxPipeline calculate_shift with the scheduler's base/max_image_seq_len and base/max_shift)."""
-    m = (1.15 - 0.5) / (4096 - 256)
-    return image_tokens * m + (0.5 - m * 256)
-
-
-def flux_sigmas(steps: int, mu: float | None) -> torch.Tensor:
-    """(steps + 1,) fp32 flow times as FluxPipeline sets them: linspace(1, 1/steps) in fp32, then (dev, mu given)
-    the exponential time shift e^mu / (e^mu + 1/sigma - 1); schnell (mu None) is unshifted. A final 0 appended."""
-    s = np.linspace(1.0, 1 / steps, steps).astype(np.float32)  # float32 from here on, as diffusers
-    if mu is not None:
-        s = math.exp(mu) / (math.exp(mu) + (1 / s - 1))
-    return torch.cat([torch.from_numpy(s), torch.zeros(1)])
-
-
-@torch.no_grad()
-def sample_flow(teacher, context, pooled, noise, sigmas, cfg=None, guidance=None, progress=True) -> torch.Tensor:
-    """Euler from sigma 1 to 0: x += (sigma_next - sigma) v, v = teacher(x, sigma, ...) = noise - x0.
-    noise (B, 16, h, w) -> final latent fp32. cfg (SD3): context/pooled hold [negative; prompt] (2B rows) and
-    v = v_u + cfg (v_c - v_u); guidance (FLUX.1-dev): the embedded scale. Updates in fp32 (x accumulates)."""
-    B, dtype = noise.shape[0], next(teacher.parameters()).dtype
-    g = None if guidance is None else torch.full((B,), float(guidance), device=noise.device)
-    x = noise.float()
-    for i in tqdm(range(len(sigmas) - 1), disable=not progress, desc="euler"):
-        sigma = sigmas[i].to(noise.device)
-        if cfg is not None:
-            v_u, v_c = teacher(torch.cat([x, x]).to(dtype), sigma.expand(2 * B), context, pooled).float().chunk(2)
-            v = v_u + cfg * (v_c - v_u)
-        else:
-            v = teacher(x.to(dtype), sigma.expand(B), context, pooled, guidance=g).float()
-        x = x + (sigmas[i + 1] - sigmas[i]).item() * v
-    return x
-
-
 # ----------------------------------------------------------------------------- checkpoints, images
 
 def detect(path):
@@ -222,30 +77,10 @@ def detect(path):
     keys = ckpt.keys()
     if any("input_blocks.0.0." in k or "down_blocks.0.resnets.0.time_emb_proj" in k for k in keys):
         return "sd15", None
-    found = detect_teacher({k: ckpt.shape(k) for k in keys})
+    found = TL.detect_teacher({k: ckpt.shape(k) for k in keys})
     if found is None:
         raise CheckpointError(f"{path}: not an SD 1.5, SD3 or FLUX.1 checkpoint; it looks like {describe(keys)}")
     return ("flux" if isinstance(found.cfg, FluxConfig) else "sd3"), found.cfg
-
-
-def find_vae(args) -> Path:
-    """The teacher's VAE, by the rule in the module docstring."""
-    if args.vae:
-        return Path(args.vae)
-    ckpt = Path(args.ckpt)
-    if (ckpt / "vae").is_dir() or (ckpt.is_file() and "first_stage_model.decoder.conv_in.weight" in Checkpoint(ckpt)):
-        return ckpt
-    for folder in [ckpt.parent] + ([Path(args.text_encoders)] if args.text_encoders else []):
-        if (folder / "ae.safetensors").is_file():
-            return folder / "ae.safetensors"
-    raise UsageError(f"{ckpt}: holds no VAE and no ae.safetensors lies beside it or in --text-encoders; pass --vae")
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, as diffusers' VaeImageProcessor.postprocess(output_type="pil"):
-    clamp(x / 2 + 0.5, 0, 1) * 255, rounded half to even (numpy .round())."""
-    x = (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
-    return (x * 255).round().astype("uint8")
 
 
 def check_writable(path: Path) -> None:
@@ -377,22 +212,22 @@ def run(args) -> list[Path]:
         del unet, clip
         vae = load_vae(args.ckpt, family="sd15", dtype=dtype, device=device)
     else:
-        vae_path = find_vae(args)
+        vae_path = TL.find_teacher_vae(args.ckpt, args.vae, args.text_encoders)
         # Text first, then the encoders are dropped: T5-XXL and a 12B transformer need not share the GPU.
         text = load_teacher_text(args.ckpt, args.text_encoders, args.t5_tokenizer, dtype=dtype, device=device)
         guided = family == "sd3" and cfg > 1.0  # as diffusers: guidance_scale <= 1 means no unconditional pass
         context, pooled = text(([args.negative_prompt] * args.batch if guided else []) + [args.prompt] * args.batch)
         t5_length = text.t5_length
         del text
-        teacher = load_teacher(args.ckpt, dtype=dtype, device=device)
+        teacher = TL.load_teacher(args.ckpt, dtype=dtype, device=device)
         if family == "sd3":
-            sigmas = sd3_sigmas(steps, sd3_shift(args.ckpt))
-            latents = sample_flow(teacher, context, pooled, noise, sigmas, cfg=cfg if guided else None,
+            sigmas = TL.sd3_sigmas(steps, TL.sd3_shift(args.ckpt))
+            latents = TL.sample_flow(teacher, context, pooled, noise, sigmas, cfg=cfg if guided else None,
                                   progress=progress)
             params.update(sampler="euler", cfg=cfg)
         else:
-            sigmas = flux_sigmas(steps, flux_mu((height // 16) * (width // 16)) if flux_dev else None)
-            latents = sample_flow(teacher, context, pooled, noise, sigmas, guidance=cfg, progress=progress)
+            sigmas = TL.flux_sigmas(steps, TL.flux_mu((height // 16) * (width // 16)) if flux_dev else None)
+            latents = TL.sample_flow(teacher, context, pooled, noise, sigmas, guidance=cfg, progress=progress)
             params.update(sampler="euler", guidance=cfg)
         params.update(variant=teacher.variant, t5_length=t5_length)
         del teacher

@@ -27,15 +27,13 @@ References: Esser et al. 2024, "Scaling Rectified Flow Transformers" (arXiv 2403
 diffusers 0.42 transformer_sd3.py / transformer_flux.py / single_file_utils.py for the diffusers layout.
 """
 import math
-import re
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch import Tensor
 from torch.utils.checkpoint import checkpoint
-
-from weights import Checkpoint, CheckpointError, build_meta, describe, find_component, load_state
 
 
 # ----------------------------------------------------------------------------- configs
@@ -116,7 +114,7 @@ class RMSNorm(nn.Module):  # SD3.5 ln_q / ln_k: parameter `weight`
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tensor:
         return rms_norm(x, self.weight)
 
 
@@ -125,7 +123,7 @@ class ScaleRMSNorm(nn.Module):  # BFL query_norm / key_norm: parameter `scale`
         super().__init__()
         self.scale = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tensor:
         return rms_norm(x, self.scale)
 
 
@@ -248,7 +246,7 @@ class FinalLayer(nn.Module):  # same keys in both families: final_layer.{adaLN_m
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
         self.linear = nn.Linear(dim, out)
 
-    def forward(self, x, vec):
+    def forward(self, x: Tensor, vec: Tensor) -> Tensor:
         (m,) = mods(self.adaLN_modulation(vec), x.shape[-1])
         return self.linear(m(layer_norm(x)))
 
@@ -275,7 +273,7 @@ class Mlp(nn.Module):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
@@ -299,7 +297,8 @@ class JointBlock(nn.Module):
         self.context_block = DismantledBlock(cfg, pre_only=i == cfg.depth - 1)
         self.x_block = DismantledBlock(cfg, attn2=i in cfg.attn2_blocks)
 
-    def forward(self, txt, img, vec, want_map):
+    def forward(self, txt: Tensor, img: Tensor, vec: Tensor, want_map: bool
+                ) -> tuple[Tensor, Tensor, Tensor | None]:
         cb, xb = self.context_block, self.x_block
         cm, xm = mods(cb.adaLN_modulation(vec), vec.shape[-1]), mods(xb.adaLN_modulation(vec), vec.shape[-1])
         img_norm = layer_norm(img)
@@ -323,7 +322,7 @@ class PatchEmbed(nn.Module):
         super().__init__()
         self.proj = nn.Conv2d(cfg.in_channels, cfg.hidden, cfg.patch_size, stride=cfg.patch_size)
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tensor:
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, C, h, w) -> (B, h*w, C)
 
 
@@ -332,7 +331,7 @@ class Embedder(nn.Module):  # t_embedder / y_embedder: mlp.0, SiLU, mlp.2
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(dim_in, dim), nn.SiLU(), nn.Linear(dim, dim))
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tensor:
         return self.mlp(x)
 
 
@@ -356,7 +355,8 @@ class MMDiT(Teacher):
         top, left = (S - gh) // 2, (S - gw) // 2
         return self.pos_embed.view(1, S, S, -1)[:, top:top + gh, left:left + gw].reshape(1, gh * gw, -1)
 
-    def forward(self, x, sigma, context, pooled, guidance=None, attn_blocks=()):
+    def forward(self, x: Tensor, sigma: Tensor, context: Tensor, pooled: Tensor, guidance: Tensor | None = None,
+                attn_blocks: tuple = ()) -> Tensor | TeacherOutput:
         sigma, _, attn_blocks = self.check(x, sigma, guidance, attn_blocks, self.cfg.depth)
         B, _, H, W = x.shape
         p, dtype = self.cfg.patch_size, self.pos_embed.dtype
@@ -399,7 +399,7 @@ class Modulation(nn.Module):  # BFL img_mod / txt_mod / modulation: .lin
         super().__init__()
         self.lin = nn.Linear(dim, n * dim)
 
-    def forward(self, vec):
+    def forward(self, vec: Tensor) -> list[Mod]:
         return mods(self.lin(F.silu(vec)), vec.shape[-1])
 
 
@@ -408,7 +408,7 @@ class MLPEmbedder(nn.Module):  # time_in / vector_in / guidance_in
         super().__init__()
         self.in_layer, self.out_layer = nn.Linear(dim_in, dim), nn.Linear(dim, dim)
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tensor:
         return self.out_layer(F.silu(self.in_layer(x)))
 
 
@@ -423,7 +423,8 @@ class DoubleBlock(nn.Module):
         self.img_mod, self.img_attn, self.img_mlp = Modulation(C, 6), FluxAttention(C, cfg.heads), flux_mlp(C, M)
         self.txt_mod, self.txt_attn, self.txt_mlp = Modulation(C, 6), FluxAttention(C, cfg.heads), flux_mlp(C, M)
 
-    def forward(self, txt, img, vec, pe, want_map):
+    def forward(self, txt: Tensor, img: Tensor, vec: Tensor, pe: Tensor, want_map: bool
+                ) -> tuple[Tensor, Tensor, Tensor | None]:
         im, tm = self.img_mod(vec), self.txt_mod(vec)
         qi, ki, vi = self.img_attn.qkv_heads(im[0](layer_norm(img)))
         qt, kt, vt = self.txt_attn.qkv_heads(tm[0](layer_norm(txt)))
@@ -448,7 +449,7 @@ class SingleBlock(nn.Module):
         self.norm = QKNorm(C // cfg.heads)
         self.modulation = Modulation(C, 3)
 
-    def forward(self, x, vec, pe):
+    def forward(self, x: Tensor, vec: Tensor, pe: Tensor) -> Tensor:
         (m,) = self.modulation(vec)
         qkv, mlp = self.linear1(m(layer_norm(x))).split([x.shape[-1] * 3, self.mlp_hidden], dim=-1)
         q, k, v = split_heads(qkv, self.heads)
@@ -470,7 +471,8 @@ class Flux(Teacher):
         self.single_blocks = nn.ModuleList(SingleBlock(cfg) for _ in range(cfg.depth_single))
         self.final_layer = FinalLayer(C, cfg.in_channels)
 
-    def forward(self, x, sigma, context, pooled, guidance=None, attn_blocks=()):
+    def forward(self, x: Tensor, sigma: Tensor, context: Tensor, pooled: Tensor, guidance: Tensor | None = None,
+                attn_blocks: tuple = ()) -> Tensor | TeacherOutput:
         sigma, guidance, attn_blocks = self.check(x, sigma, guidance, attn_blocks, self.cfg.depth)
         B, c, H, W = x.shape
         h, w, dtype = H // 2, W // 2, self.img_in.weight.dtype
@@ -499,249 +501,3 @@ class Flux(Teacher):
         out = self.final_layer(seq[:, n_txt:], vec)  # (B, h*w, 64)
         v = out.view(B, h, w, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, c, H, W)
         return self.output(v, maps, attn_blocks)
-
-
-# ----------------------------------------------------------------------------- LoRA
-LORA_TARGETS = ("attn.qkv", "attn.proj", "attn2.qkv", "attn2.proj", "mlp.fc1", "mlp.fc2",  # SD3
-                "img_attn.qkv", "img_attn.proj", "txt_attn.qkv", "txt_attn.proj",  # FLUX double
-                "img_mlp.0", "img_mlp.2", "txt_mlp.0", "txt_mlp.2", "linear1", "linear2")  # FLUX mlp, single
-LORA_MODULATION = ("adaLN_modulation.1", "img_mod.lin", "txt_mod.lin", "modulation.lin")  # optional extra targets
-
-
-class LoRALinear(nn.Module):
-    """A frozen linear plus a trainable low-rank update: y = W x + b + (alpha / rank) up(down(x)).
-    The base Parameters are the wrapped nn.Linear's own (no copy) and stay at `.weight` / `.bias`, so the base
-    state_dict keys are unchanged; LoRA adds `.lora_down.weight` / `.lora_up.weight`. `up` starts at zero, so a
-    fresh LoRA changes nothing. The low-rank path runs in the LoRA dtype (fp32 by default) for stable training."""
-
-    def __init__(self, base: nn.Linear, rank, alpha, dtype):
-        super().__init__()
-        self.weight, self.bias = base.weight, base.bias
-        kw = dict(bias=False, device=base.weight.device, dtype=dtype)
-        self.lora_down = nn.Linear(base.in_features, rank, **kw)  # default (kaiming) init
-        self.lora_up = nn.Linear(rank, base.out_features, **kw)
-        nn.init.zeros_(self.lora_up.weight)
-        self.scale = alpha / rank
-        self.enabled = True
-
-    def forward(self, x):
-        y = F.linear(x, self.weight, self.bias)
-        if not self.enabled:
-            return y
-        return y + (self.lora_up(self.lora_down(x.to(self.lora_down.weight.dtype))) * self.scale).to(y.dtype)
-
-
-def add_lora(model, rank, alpha=None, targets=LORA_TARGETS, dtype=torch.float32) -> list:
-    """Wrap every nn.Linear in a block whose name ends with one of `targets` (add LORA_MODULATION for the adaLN
-    linears) in a LoRALinear; freeze everything else. Returns the LoRA parameters (the only ones needing grad)."""
-    model.requires_grad_(False)
-    hits = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and "blocks." in name
-            and any(name.endswith("." + t) for t in targets)]
-    params = []
-    for name, base in hits:
-        parent, attr = model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
-        lora = LoRALinear(base, rank, rank if alpha is None else alpha, dtype)
-        parent.add_module(attr, lora)  # replaces the child; Sequential indices (img_mlp.0) work too
-        params += [lora.lora_down.weight, lora.lora_up.weight]
-    return params
-
-
-class lora_enabled:
-    """`lora_enabled(model, flag)` switches every LoRALinear on or off right away; used as `with lora_enabled(m,
-    False): ...` it restores the previous state on exit. LoRA off = the frozen teacher (real score), on = fake.
-    Don't flip it between a checkpointed forward and its backward: the recompute would run the other branch
-    (torch's checkpoint then raises "a different number of tensors was saved")."""
-
-    def __init__(self, model, flag):
-        self.layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
-        self.before = [m.enabled for m in self.layers]
-        for m in self.layers:
-            m.enabled = flag
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        for m, b in zip(self.layers, self.before, strict=True):
-            m.enabled = b
-
-
-# ----------------------------------------------------------------------------- diffusers names
-# Diffusers names of the original modules. Joint/double-block streams map to (image-stream, text-stream) names.
-_DIFFUSERS_TOP = {
-    "x_embedder.proj": "pos_embed.proj", "context_embedder": "context_embedder",  # SD3
-    "t_embedder.mlp.0": "time_text_embed.timestep_embedder.linear_1",
-    "t_embedder.mlp.2": "time_text_embed.timestep_embedder.linear_2",
-    "y_embedder.mlp.0": "time_text_embed.text_embedder.linear_1",
-    "y_embedder.mlp.2": "time_text_embed.text_embedder.linear_2",
-    "img_in": "x_embedder", "txt_in": "context_embedder",  # FLUX
-    "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
-    "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
-    "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
-    "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
-    "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
-    "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
-    "final_layer.linear": "proj_out", "final_layer.adaLN_modulation.1": "norm_out.linear",  # both
-}
-_QKV, _ADD_QKV = ("attn.to_q", "attn.to_k", "attn.to_v"), ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")
-_DIFFUSERS_STREAM = {  # SD3 x_block / context_block sub-modules, FLUX img_* / txt_* sub-modules
-    "adaLN_modulation.1": ("norm1.linear", "norm1_context.linear"), "mod.lin": ("norm1.linear", "norm1_context.linear"),
-    "attn.qkv": (_QKV, _ADD_QKV), "attn.proj": ("attn.to_out.0", "attn.to_add_out"),
-    "attn.ln_q": ("attn.norm_q", "attn.norm_added_q"), "attn.norm.query_norm": ("attn.norm_q", "attn.norm_added_q"),
-    "attn.ln_k": ("attn.norm_k", "attn.norm_added_k"), "attn.norm.key_norm": ("attn.norm_k", "attn.norm_added_k"),
-    "mlp.fc1": ("ff.net.0.proj", "ff_context.net.0.proj"), "mlp.0": ("ff.net.0.proj", "ff_context.net.0.proj"),
-    "mlp.fc2": ("ff.net.2", "ff_context.net.2"), "mlp.2": ("ff.net.2", "ff_context.net.2"),
-    "attn2.qkv": (("attn2.to_q", "attn2.to_k", "attn2.to_v"), None), "attn2.proj": ("attn2.to_out.0", None),
-    "attn2.ln_q": ("attn2.norm_q", None), "attn2.ln_k": ("attn2.norm_k", None),
-}
-_DIFFUSERS_SINGLE = {"linear1": _QKV + ("proj_mlp",), "linear2": "proj_out", "modulation.lin": "norm.linear",
-                     "norm.query_norm": "attn.norm_q", "norm.key_norm": "attn.norm_k"}
-_BLOCK = re.compile(r"(joint_blocks|double_blocks|single_blocks)\.(\d+)\.(context_block\.|x_block\.|img_|txt_)?(.*)")
-
-
-def teacher_key_map(cfg) -> dict:
-    """Flat map original key -> diffusers key, or a tuple of diffusers keys whose tensors concatenated along dim 0
-    give the original (fused qkv; FLUX linear1 = to_q, to_k, to_v, proj_mlp). Keys in `swapped_keys(cfg)` also
-    have their (shift, scale) halves stored as (scale, shift) by diffusers."""
-    m = {}
-    for key in build_meta(MMDiT if isinstance(cfg, MMDiTConfig) else Flux, cfg).state_dict():
-        if key == "pos_embed":
-            m[key] = "pos_embed.pos_embed"
-            continue
-        module, param = key.rsplit(".", 1)
-        param = "weight" if param == "scale" else param  # BFL's RMSNorm `scale` is diffusers' `weight`
-        b = _BLOCK.fullmatch(module)
-        if b is None:
-            base, new = "", _DIFFUSERS_TOP[module]
-        elif b[1] == "single_blocks":
-            base, new = f"single_transformer_blocks.{b[2]}.", _DIFFUSERS_SINGLE[b[4]]
-        else:
-            base, new = f"transformer_blocks.{b[2]}.", _DIFFUSERS_STREAM[b[4]][b[3] in ("context_block.", "txt_")]
-        m[key] = f"{base}{new}.{param}" if isinstance(new, str) else tuple(f"{base}{n}.{param}" for n in new)
-    return m
-
-
-def swapped_keys(cfg) -> set:
-    """Original keys whose (shift, scale) halves diffusers stores as (scale, shift): its AdaLayerNormContinuous,
-    used for the final layer (both families) and SD3's last, pre-only context block."""
-    names = ["final_layer.adaLN_modulation.1"]
-    if isinstance(cfg, MMDiTConfig):
-        names.append(f"joint_blocks.{cfg.depth - 1}.context_block.adaLN_modulation.1")
-    return {n + s for n in names for s in (".weight", ".bias")}
-
-
-def _swap_halves(t):
-    return torch.cat(t.chunk(2)[::-1])
-
-
-def from_diffusers(tensors: dict, cfg) -> dict:
-    """Diffusers-named tensors -> original names, popping as it goes (one fused copy at a time). Parts that are
-    missing are skipped and leftovers kept, so `load_state` reports both by name."""
-    out, swap = {}, swapped_keys(cfg)
-    for k, parts in teacher_key_map(cfg).items():
-        parts = (parts,) if isinstance(parts, str) else parts
-        if all(p in tensors for p in parts):
-            t = torch.cat([tensors.pop(p) for p in parts]) if len(parts) > 1 else tensors.pop(parts[0])
-            out[k] = _swap_halves(t) if k in swap else t
-    return {**out, **tensors}
-
-
-def to_diffusers(state: dict, cfg) -> dict:
-    """Original-named tensors -> diffusers names (the export direction; works on meta tensors for shape checks).
-    Fused tensors split into `hidden`-row parts, the last part taking the rest (FLUX proj_mlp)."""
-    out, swap = {}, swapped_keys(cfg)
-    for k, parts in teacher_key_map(cfg).items():
-        t = _swap_halves(state[k]) if k in swap else state[k]
-        if isinstance(parts, str):
-            out[parts] = t
-        else:
-            sizes = [cfg.hidden] * (len(parts) - 1) + [t.shape[0] - cfg.hidden * (len(parts) - 1)]
-            out.update(zip(parts, t.split(sizes), strict=True))
-    return out
-
-
-# ----------------------------------------------------------------------------- detection and loading
-@dataclass
-class Detected:
-    cfg: MMDiTConfig | FluxConfig     # cfg.variant names a preset when the shapes match one, else "*_custom"
-    diffusers: bool                   # diffusers names (else original: Stability / BFL)
-    prefix: str                       # "model.diffusion_model." in single files and repacked FLUX files
-
-
-def _count(shapes, prefix):
-    return len({k[len(prefix):].split(".")[0] for k in shapes if k.startswith(prefix)})
-
-
-def _name(cfg):
-    for name, p in PRESETS.items():
-        if type(p) is type(cfg) and replace(cfg, variant=p.variant) == p:
-            return replace(cfg, variant=name)
-    return replace(cfg, variant=("sd3" if isinstance(cfg, MMDiTConfig) else "flux") + "_custom")
-
-
-# The keys each config field is read from: (original name, diffusers name).
-_PROBES = {
-    "sd3": dict(patch=("x_embedder.proj.weight", "pos_embed.proj.weight"), pos=("pos_embed", "pos_embed.pos_embed"),
-                pooled=("y_embedder.mlp.0.weight", "time_text_embed.text_embedder.linear_1.weight"),
-                context=("context_embedder.weight",) * 2,
-                fc1=("joint_blocks.0.x_block.mlp.fc1.weight", "transformer_blocks.0.ff.net.0.proj.weight"),
-                qk=("joint_blocks.0.x_block.attn.ln_q.weight", "transformer_blocks.0.attn.norm_q.weight"),
-                blocks=("joint_blocks.", "transformer_blocks."),
-                attn2=("joint_blocks.{}.x_block.attn2.qkv.weight", "transformer_blocks.{}.attn2.to_q.weight")),
-    "flux": dict(img_in=("img_in.weight", "x_embedder.weight"), context=("txt_in.weight", "context_embedder.weight"),
-                 pooled=("vector_in.in_layer.weight", "time_text_embed.text_embedder.linear_1.weight"),
-                 fc1=("double_blocks.0.img_mlp.0.weight", "transformer_blocks.0.ff.net.0.proj.weight"),
-                 qk=("double_blocks.0.img_attn.norm.query_norm.scale", "transformer_blocks.0.attn.norm_q.weight"),
-                 guidance=("guidance_in.in_layer.weight", "time_text_embed.guidance_embedder.linear_1.weight"),
-                 blocks=("double_blocks.", "transformer_blocks."),
-                 single=("single_blocks.", "single_transformer_blocks.")),
-}
-
-
-def detect_teacher(shapes: dict) -> Detected | None:
-    """Family, layout and config of a teacher from its key -> shape dict alone (no tensor read); None if the keys
-    are not an SD3/SD3.5/FLUX.1 transformer. SD3: depth = number of joint blocks (= hidden / 64 in real models),
-    heads = depth, qk-norm from ln_q keys, MMDiT-X blocks from attn2 keys. FLUX: head_dim from the qk-norm scale,
-    rotary axes in BFL's proportions (1/8, 7/16, 7/16) of head_dim."""
-    prefix = "model.diffusion_model." if any(k.startswith("model.diffusion_model.") for k in shapes) else ""
-    s = {k[len(prefix):]: tuple(v) for k, v in shapes.items() if k.startswith(prefix)}
-    for family, probes in _PROBES.items():
-        for dif in (0, 1):
-            if probes["fc1"][dif] in s and (probes["patch" if family == "sd3" else "img_in"][dif] in s):
-                break
-        else:
-            continue
-        key = {name: names[dif] for name, names in probes.items()}
-        if family == "sd3":
-            depth, (hidden, cin) = _count(s, key["blocks"]), s[key["patch"]][:2]
-            cfg = MMDiTConfig(
-                depth=depth, head_dim=hidden // depth, in_channels=cin, context_dim=s[key["context"]][1],
-                pooled_dim=s[key["pooled"]][1], mlp_ratio=s[key["fc1"]][0] / hidden,
-                pos_embed_max_size=math.isqrt(s[key["pos"]][1]), qk_norm=key["qk"] in s,
-                attn2_blocks=tuple(i for i in range(depth) if key["attn2"].format(i) in s))
-        else:
-            (hidden, cin), head_dim = s[key["img_in"]], s[key["qk"]][0]
-            cfg = FluxConfig(
-                hidden=hidden, heads=hidden // head_dim, depth=_count(s, key["blocks"]),
-                depth_single=_count(s, key["single"]), mlp_ratio=s[key["fc1"]][0] / hidden, in_channels=cin,
-                context_dim=s[key["context"]][1], pooled_dim=s[key["pooled"]][1],
-                axes_dim=(head_dim // 8, head_dim * 7 // 16, head_dim * 7 // 16), guidance_embed=key["guidance"] in s)
-        return Detected(_name(cfg), bool(dif), prefix)
-    return None
-
-
-def load_teacher(path, dtype=None, device=None) -> MMDiT | Flux:
-    """Load any SD3 / SD3.5 / FLUX.1 transformer checkpoint (see the module docstring), frozen and in eval mode;
-    `teacher.variant` names the detected preset. Tensors are converted to `dtype` (default fp32) one at a time."""
-    ckpt = Checkpoint(find_component(path, "transformer"))
-    found = detect_teacher({k: ckpt.shape(k) for k in ckpt.keys()})
-    if found is None:
-        raise CheckpointError(f"{ckpt.path}: not an SD3/FLUX.1 transformer; it looks like {describe(ckpt.keys())}")
-    model = build_meta(MMDiT if isinstance(found.cfg, MMDiTConfig) else Flux, found.cfg)
-    dtype = dtype or torch.float32
-    if found.diffusers:
-        state = from_diffusers(ckpt.tensors(dtype=dtype, device=device or "cpu"), found.cfg)
-    else:
-        state = ckpt.tensors(found.prefix, dtype=dtype, device=device or "cpu")
-    load_state(model, state, ckpt.path)
-    return model.eval().requires_grad_(False)

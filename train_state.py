@@ -13,10 +13,17 @@ The file is written atomically (weights.save_atomic: temp file + rename), and no
 non-finite: a NaN never replaces the last good checkpoint. Under FSDP, sharded parameters and optimizer states
 (DTensors) are gathered into full tensors on save (a collective: every rank calls `save_state`, one writes) and
 sharded again like their parameter on restore, so a file is independent of the number of processes.
+
+Beside it, the plumbing of a data-parallel loop that the checkpoint's guarantees rest on: `Draw` (every random draw
+from one checkpointed generator, for the global batch, then this rank's slice), `check_finite` (the NaN guard, before
+any update) and `all_reduce_grads` (modules used twice a step, so not DDP-wrapped).
 """
 import json
+import os
 import random
+import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +31,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from weights import save_atomic
+import bridge as BR
+from weights import Checkpoint, save_atomic
 
 FORMAT = "cross-space-distill/1"
 
@@ -125,3 +133,106 @@ def restore(state: TrainState, optimizers: dict, generators: dict) -> int:
     pos, has_gauss, cached = rng["numpy"]
     np.random.set_state(("MT19937", t["rng.numpy"].numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
     return state.step
+
+
+def _world() -> tuple[int, int]:
+    ddp = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return (torch.distributed.get_rank(), torch.distributed.get_world_size()) if ddp else (0, 1)
+
+
+class Draw:
+    """Every random draw of a loop, for the GLOBAL batch (world x batch) from one generator (saved in the checkpoint
+    as rng.<name>), then this rank's slice: the same data as one process with world x the batch."""
+
+    def __init__(self, seed: int, batch: int, device):
+        (self.rank, self.world), self.device = _world(), device
+        self.gen, self.global_batch = torch.Generator().manual_seed(seed), batch * self.world
+
+    def mine(self, t: torch.Tensor) -> torch.Tensor:
+        n = t.shape[0] // self.world
+        return t[self.rank * n:(self.rank + 1) * n].to(self.device)
+
+    def sigmas(self, lo: float, hi: float, shift: float) -> torch.Tensor:
+        return self.mine(BR.sample_sigmas(self.global_batch, lo, hi, shift, generator=self.gen))
+
+    def noise(self, shape: tuple) -> torch.Tensor:
+        return self.mine(torch.randn((self.global_batch, *shape), generator=self.gen))
+
+
+def check_finite(step: int, ckpt_path: Path, **losses) -> dict:
+    """The NaN guard: every rank sees the same verdict, before any update (StateError naming the losses). Returns the
+    losses averaged over ranks (= the global batch's, for the log)."""
+    v = torch.stack([x.detach().float().reshape(()) for x in losses.values()])
+    world = _world()[1]
+    torch.distributed.all_reduce(v) if world > 1 else None
+    v = v / world
+    if not torch.isfinite(v).all():
+        values = ", ".join(f"{k}={x:.4g}" for k, x in zip(losses, v.tolist(), strict=True))
+        raise StateError(f"non-finite loss at step {step + 1} ({values}): stopped; {ckpt_path} keeps the last good "
+                         "checkpoint" + ("" if Path(ckpt_path).exists() else " (none written yet)"))
+    return dict(zip(losses, v.tolist(), strict=True))
+
+
+def all_reduce_grads(params) -> None:
+    """Mean of the grads over ranks, for a module that is not DDP-wrapped (no-op in one process)."""
+    world = _world()[1]
+    for q in params:
+        if world > 1 and q.grad is not None:
+            torch.distributed.all_reduce(q.grad)
+            q.grad /= world
+
+
+def trim_log(log_path: Path, step: int) -> None:
+    """On resume: drop the log's training lines past the checkpoint's step (a crash after logging), atomically."""
+    lines = [ln for ln in log_path.read_text().splitlines()
+             if json.loads(ln).get("stage") != "distill" or json.loads(ln)["step"] <= step]
+    (tmp := log_path.with_name("." + log_path.name)).write_text("".join(ln + "\n" for ln in lines))
+    tmp.replace(log_path)
+
+
+def init_processes(device: str, fsdp: bool = False) -> tuple[int, int, torch.device]:
+    """(rank, world, device): under torchrun (RANK set) the process group (NCCL on CUDA, else gloo) and this rank's
+    GPU; else one process on `device`. The timeout is long: rank 0 alone builds caches while the others wait."""
+    if int(os.environ.get("RANK", -1)) == -1:
+        if fsdp:
+            raise StateError("--fsdp shards the teacher over processes: launch with torchrun")
+        return 0, 1, torch.device(device)
+    cuda = device.startswith("cuda")
+    torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=60))
+    dev = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if cuda else "cpu")
+    torch.cuda.set_device(dev) if cuda else None
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), dev
+
+
+def check_writable(folder: Path, rank: int = 0) -> None:
+    """Create the run folder and write a probe file there (per rank), before minutes of loading: StateError if not."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f".probe{rank}").write_text("")
+        (folder / f".probe{rank}").unlink()
+    except OSError as e:
+        raise StateError(f"--out {folder}: cannot write there ({e.strerror or e})") from None
+
+
+def timing(t_it: float, device) -> dict:
+    """An iteration's seconds since `t_it` (its losses' .item() synchronised the device) and peak GPU memory."""
+    return {"sec": time.perf_counter() - t_it} | ({"peak_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30}
+                                                 if torch.device(device).type == "cuda" else {})
+
+
+def seed_all(seed: int) -> None:
+    """torch's, python's and numpy's global generators (the checkpoint saves and restores all three)."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def finished(ckpt_path: Path, export: Path, config: dict, steps: int) -> bool:
+    """A run folder holds a FINISHED run of this config: its checkpoint's config and its export's step agree."""
+    done = Checkpoint(export).metadata if Path(export).is_file() else {}
+    return read_config(ckpt_path) == config and done.get("step") == str(steps)
+
+
+def append_log(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")

@@ -14,8 +14,9 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
 
 from weights import Checkpoint, CheckpointError, build_meta, describe, find_component, load_state
 
@@ -44,14 +45,14 @@ PRESETS = {
 class GroupNorm(nn.GroupNorm):
     # Statistics in fp32 (as LDM's GroupNorm32): the mean/variance of a group sums up to C/32 * h * w values, more
     # than bf16's 8-bit mantissa can accumulate; the result goes back to the input dtype.
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tensor:
         w, b = self.weight.float(), self.bias.float()
         return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
 
 
 class LayerNorm(nn.LayerNorm):
     # fp32 for the same reason as GroupNorm: the norm is cheap and bf16 statistics are coarse.
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tensor:
         w, b = self.weight.float(), self.bias.float()
         return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
 
@@ -77,7 +78,7 @@ class ResBlock(nn.Module):
                                         nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip_connection = nn.Conv2d(ch, out_ch, 1) if ch != out_ch else nn.Identity()
 
-    def forward(self, x, emb):
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         h = self.in_layers(x)
         h = h + self.emb_layers(emb)[:, :, None, None]  # (B, C, 1, 1) broadcast over the pixels
         return self.skip_connection(x) + self.out_layers(h)
@@ -94,7 +95,7 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(context_dim, dim, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])  # original: [Linear, Dropout]; key to_out.0
 
-    def forward(self, x, context=None):
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         context = x if context is None else context
         B, T, C = x.shape
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
@@ -108,7 +109,7 @@ class GEGLU(nn.Module):
         super().__init__()
         self.proj = nn.Linear(dim, 2 * hidden)
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tensor:
         x, gate = self.proj(x).chunk(2, dim=-1)
         return x * F.gelu(gate)  # exact (erf) GELU, as LDM and diffusers
 
@@ -119,7 +120,7 @@ class FeedForward(nn.Module):
         # original: [GEGLU, Dropout, Linear]; an Identity keeps the key net.2
         self.net = nn.Sequential(GEGLU(dim, mult * dim), nn.Identity(), nn.Linear(mult * dim, dim))
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
 
 
@@ -131,7 +132,7 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
         self.norm1, self.norm2, self.norm3 = LayerNorm(dim), LayerNorm(dim), LayerNorm(dim)
 
-    def forward(self, x, context):
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
         x = x + self.attn1(self.norm1(x))
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
@@ -148,7 +149,7 @@ class SpatialTransformer(nn.Module):
             [TransformerBlock(ch, cfg.context_dim, cfg.num_heads) for _ in range(cfg.transformer_depth)])
         self.proj_out = nn.Conv2d(ch, ch, 1)
 
-    def forward(self, x, context):
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
         B, C, H, W = x.shape
         h = self.proj_in(self.norm(x))
         h = h.flatten(2).transpose(1, 2)  # (B, H*W, C)
@@ -163,7 +164,7 @@ class Downsample(nn.Module):
         super().__init__()
         self.op = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tensor:
         return self.op(x)
 
 
@@ -172,7 +173,7 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(ch, ch, 3, padding=1)
 
-    def forward(self, x, size):
+    def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
         # nearest 2x in LDM; to the skip's size when the map is odd-sized (diffusers' upsample_size), which is the
         # same as 2x whenever the latent side is a multiple of 8
         return self.conv(F.interpolate(x, size=size, mode="nearest"))
@@ -182,7 +183,7 @@ class Block(nn.ModuleList):
     """One `input_blocks.N` / `middle_block` / `output_blocks.N`: layers fed what each needs (LDM's
     TimestepEmbedSequential)."""
 
-    def forward(self, x, emb, context, size=None):
+    def forward(self, x: Tensor, emb: Tensor, context: Tensor, size: tuple[int, int] | None = None) -> Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
@@ -239,7 +240,7 @@ class UNet(nn.Module):
             return checkpoint(block, x, emb, context, size, use_reentrant=False)
         return block(x, emb, context, size)
 
-    def forward(self, x, t, context):
+    def forward(self, x: Tensor, t: Tensor | int | float, context: Tensor) -> Tensor:
         """x (B, in_channels, h, w) noisy latent, t (B,) or scalar DDPM timestep 0..999 (int or float),
         context (B, 77, context_dim) text states -> eps (B, out_channels, h, w)."""
         B = x.shape[0]
@@ -365,3 +366,87 @@ def load_unet(path, dtype=None, device=None) -> UNet:
     model = build_meta(UNet, cfg)
     state = ckpt.tensors(prefix, rename=rename, dtype=dtype or torch.float32, device=device or "cpu")
     return load_state(model, state, path).eval()
+
+
+# ----------------------------------------------------------------------------- sampling: DDIM and one step
+
+def sd15_alphas_cumprod() -> torch.Tensor:
+    """(1000,) fp32 alpha-bar of SD 1.5's DDPM schedule: betas linear in sqrt space from 0.00085 to 0.012
+    (v1-inference.yaml linear_start / linear_end, "scaled_linear" in diffusers), computed in fp32 as diffusers does."""
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float32) ** 2
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def ddim_schedule(steps: int):
+    """DDIM timesteps (steps,) int64, high to low, with alpha-bar at each and at the step it jumps to.
+    "leading" spacing: t = k * (1000 // steps) + 1 (steps_offset 1); the last step jumps to alpha-bar[0], not 1
+    (set_alpha_to_one False), so the final latent keeps a trace of noise, as SD 1.5 was released."""
+    ac = sd15_alphas_cumprod()
+    ratio = 1000 // steps
+    t = torch.arange(steps - 1, -1, -1, dtype=torch.int64) * ratio + 1
+    prev = t - ratio
+    return t, ac[t], torch.where(prev >= 0, ac[prev.clamp(min=0)], ac[0])
+
+
+def ddim_step(x, eps, alpha, alpha_prev):
+    """One deterministic DDIM step (eta 0) from alpha-bar `alpha` to `alpha_prev`, eps-prediction, no clipping
+    (SD 1.5's clip_sample False). In fp32: x0 divides by sqrt(alpha-bar) (0.076 at t=981), which would amplify
+    fp16/bf16 rounding of eps ~13x, and x accumulates over all steps; the tensors are small, fp32 costs nothing."""
+    x0 = (x - (1 - alpha) ** 0.5 * eps) / alpha ** 0.5
+    return alpha_prev ** 0.5 * x0 + (1 - alpha_prev) ** 0.5 * eps
+
+
+@torch.no_grad()
+def sample_sd15(unet, clip, tokenizer, prompt, negative, noise, steps, cfg, progress=True) -> torch.Tensor:
+    """noise (B, 4, h, w) on the models' device -> final latent (B, 4, h, w) fp32."""
+    B, dev = noise.shape[0], noise.device
+    texts = ([negative] * B if cfg > 1.0 else []) + [prompt] * B  # as diffusers: cfg <= 1 means no uncond pass
+    return ddim_sample(unet, clip(tokenizer.encode(texts).to(dev)).last_hidden_state, noise, steps, cfg, progress)
+
+
+@torch.no_grad()
+def ddim_sample(unet, context, noise, steps, cfg, progress=False) -> torch.Tensor:
+    """DDIM from noise (B, 4, h, w) -> final latent fp32. context: (B, 77, D), or with classifier-free guidance
+    (cfg > 1) (2B, 77, D) = [uncond; cond], run as one batch: eps = eps_u + cfg * (eps_c - eps_u)."""
+    dev, dtype, guided = noise.device, next(unet.parameters()).dtype, cfg > 1.0
+    timesteps, alphas, alphas_prev = ddim_schedule(steps)
+    x = noise.float()
+    for i in tqdm(range(steps), disable=not progress, desc="ddim"):
+        xin = torch.cat([x, x]) if guided else x
+        eps = unet(xin.to(dtype), timesteps[i].to(dev).expand(xin.shape[0]), context).float()
+        if guided:
+            eps_u, eps_c = eps.chunk(2)
+            eps = eps_u + cfg * (eps_c - eps_u)
+        x = ddim_step(x, eps, alphas[i], alphas_prev[i])
+    return x
+
+
+def one_step_x0(unet, x: Tensor, t: int, context: Tensor, cfg: float | None = None) -> Tensor:
+    """An eps-prediction UNet's x0 estimate at timestep t: (x - sqrt(1 - abar) eps) / sqrt(abar), in fp32 (abar(999)
+    = 0.0047, so eps errors are amplified ~15x). From pure noise at t = 999: a distilled student's sample. With `cfg`
+    (a base model's one step), context is (2B, 77, D) = [uncond; cond] and eps = eps_u + cfg (eps_c - eps_u)."""
+    a = sd15_alphas_cumprod()[t].item()
+    xin = torch.cat([x, x]) if cfg else x
+    eps = unet(xin.to(next(unet.parameters()).dtype), torch.full((xin.shape[0],), t, device=x.device), context).float()
+    if cfg:
+        eps_u, eps_c = eps.chunk(2)
+        eps = eps_u + cfg * (eps_c - eps_u)
+    return (x.float() - (1 - a) ** 0.5 * eps) / a ** 0.5
+
+
+@torch.no_grad()
+def sample_one_step(unet, clip, tokenizer, prompt, noise, steps=1, t_start=999, generator=None) -> torch.Tensor:
+    """A distilled student (distill.py): its x0 estimate from pure noise at t = 999. No CFG: the teacher's guidance is
+    distilled in. steps > 1 (DMD2's multi-step sampling): re-noise x0 with fresh noise to the next of `steps` evenly
+    spaced timesteps (999, 749, 499, 249 for 4) and predict again."""
+    B, dev = noise.shape[0], noise.device
+    context = clip(tokenizer.encode([prompt] * B).to(dev)).last_hidden_state
+    ac = sd15_alphas_cumprod()
+    ts = [t_start - k * ((t_start + 1) // steps) for k in range(steps)]
+    x = noise.float()
+    for i, t in enumerate(ts):
+        x0 = one_step_x0(unet, x, t, context)
+        if i + 1 < len(ts):
+            fresh = torch.randn(x.shape, generator=generator).to(dev)
+            x = ac[ts[i + 1]] ** 0.5 * x0 + (1 - ac[ts[i + 1]]) ** 0.5 * fresh
+    return x0

@@ -15,10 +15,13 @@ BFL flux `src/flux/modules/autoencoder.py`, diffusers `models/autoencoders/vae.p
 import json
 import math
 from dataclasses import dataclass, replace
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
+from PIL import Image
+from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from weights import Checkpoint, CheckpointError, build_meta, describe, find_component, load_state
@@ -53,7 +56,7 @@ class GroupNorm(nn.GroupNorm):
     large, and a bf16 mean/variance and (x - mean) over 16 channels x 128x128 positions (1024 px) loses the digits
     that the normalised map needs; the norm is cheap next to the 3x3 convs, and fp32 parity is unchanged."""
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tensor:
         w = self.weight.float() if self.weight is not None else None
         b = self.bias.float() if self.bias is not None else None
         return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
@@ -70,7 +73,7 @@ class ResnetBlock(nn.Module):
         self.norm2, self.conv2 = norm(c_out, groups), nn.Conv2d(c_out, c_out, 3, padding=1)
         self.nin_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
         h = self.conv2(F.silu(self.norm2(h)))
         return self.nin_shortcut(x) + h
@@ -85,7 +88,7 @@ class AttnBlock(nn.Module):
         self.q, self.k, self.v = nn.Conv2d(c, c, 1), nn.Conv2d(c, c, 1), nn.Conv2d(c, c, 1)
         self.proj_out = nn.Conv2d(c, c, 1)
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tensor:
         B, C, H, W = x.shape
         h = self.norm(x)
         q, k, v = (p(h).reshape(B, 1, C, H * W).transpose(-1, -2) for p in (self.q, self.k, self.v))  # (B, 1, HW, C)
@@ -98,7 +101,7 @@ class Downsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(c, c, 3, stride=2, padding=0)
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tensor:
         # LDM pads right/bottom only (0, 1, 0, 1), then a stride-2 conv without padding (diffusers Downsample2D
         # with padding=0 does the same); symmetric padding=1 would shift the grid by half a pixel.
         return self.conv(F.pad(x, (0, 1, 0, 1)))
@@ -109,7 +112,7 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(c, c, 3, padding=1)
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
@@ -119,7 +122,7 @@ class Mid(nn.Module):
         self.block_1, self.attn_1 = ResnetBlock(c, c, groups), AttnBlock(c, groups)
         self.block_2 = ResnetBlock(c, c, groups)
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tensor:
         return self.block_2(self.attn_1(self.block_1(x)))
 
 
@@ -146,7 +149,7 @@ class Encoder(nn.Module):
         self.norm_out = norm(chs[-1], cfg.norm_groups)
         self.conv_out = nn.Conv2d(chs[-1], 2 * cfg.latent_channels, 3, padding=1)  # mean and log-variance
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tensor:
         h = self.conv_in(x)
         for level in self.down:
             for block in level.block:
@@ -177,7 +180,7 @@ class Decoder(nn.Module):
         # in eval mode, yet the Bridge backpropagates through it to the latents and would store every activation.
         self.gradient_checkpointing = False
 
-    def forward(self, z, features=None, stop_at=None):
+    def forward(self, z: Tensor, features: dict | None = None, stop_at: int | None = None) -> Tensor | None:
         """Image from (unscaled) z. Fills `features` (if a dict) with {1: mid output, 2/4/8: upsample outputs};
         returns None right after the feature at scale `stop_at`."""
         ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
@@ -356,3 +359,40 @@ def load_vae(path, family=None, dtype=None, device=None) -> VAE:
             state[k] = v[:, :, None, None]
     return load_state(build_meta(VAE, cfg), state, ckpt.path).eval().requires_grad_(False)
 
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, as diffusers' VaeImageProcessor.postprocess(output_type="pil"):
+    clamp(x / 2 + 0.5, 0, 1) * 255, rounded half to even (numpy .round())."""
+    x = (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+    return (x * 255).round().astype("uint8")
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def image_files(folder) -> list[Path]:
+    """The images of a folder (png, jpg, webp), sorted by name."""
+    return sorted(f for f in Path(folder).glob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def load_image(path, res: int) -> Tensor:
+    """An image file -> (3, res, res) in [-1, 1], the VAE's input: centre crop to a square, resize (PIL bicubic)."""
+    im = Image.open(path).convert("RGB")
+    s, (w, h) = min(im.size), im.size
+    im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)).resize((res, res), Image.BICUBIC)
+    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 127.5 - 1
+
+
+@torch.no_grad()
+def encode_images(vae: VAE, files: list, res: int, batch: int = 8) -> Tensor:
+    """Image files -> latents (N, C, res / 8, res / 8), `batch` at a time (never all images in memory)."""
+    dtype, device = vae.encoder.conv_in.weight.dtype, vae.encoder.conv_in.weight.device
+    return torch.cat([vae.encode(torch.stack([load_image(f, res) for f in files[i:i + batch]]).to(device, dtype))
+                      for i in range(0, len(files), batch)])
+
+
+def save_grid(rows: list, path: Path) -> None:
+    """Rows of images (each (n, 3, H, W) in [-1, 1]) -> one PNG, written atomically."""
+    img = torch.cat([torch.cat(list(r), dim=-1) for r in rows], dim=-2)  # (3, rows * H, n * W)
+    Image.fromarray(to_uint8(img[None])[0]).save(tmp := path.with_name("." + path.name))
+    tmp.replace(path)

@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import conditioning as C
-from text_encoders import load_clip, load_t5
-from tokenizer import CLIP_FOLDER, T5Tokenizer
+import text.conditioning as C
+from text.encoders import load_clip, load_t5
+from text.tokenizer import CLIP_FOLDER, T5Tokenizer
 
 PROMPTS = ["a photo of a cat", "An astronaut riding a horse on the moon, 8k!!", "", "kato rimu senlo " * 40]
 NEGATIVE = "blurry, low quality"
@@ -222,8 +222,8 @@ def test_pooled_is_read_at_the_tokenizers_eos():
     CLIP's 49407, which the toy ids never contain, every prompt pooled the same state (position 0)."""
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    import toy_train as T
-    text = C.load_teacher_text(T.TEACHER, T.TEXT_ENCODERS)
+    import toy.models as M
+    text = C.load_teacher_text(M.TEACHER, M.TEXT_ENCODERS)
     prompts = ["a small red circle on a blue background, top left", "upper right: a big green ring, black background"]
     _, pooled = text(prompts)
     for i, (clip, tok, name) in enumerate(((text.clip_l, text.tok_l, "clip_l"), (text.clip_g, text.tok_g, "clip_g"))):
@@ -233,7 +233,7 @@ def test_pooled_is_read_at_the_tokenizers_eos():
             vocab_size=c.vocab_size, hidden_size=c.width, intermediate_size=c.mlp, num_hidden_layers=c.layers,
             num_attention_heads=c.heads, max_position_embeddings=c.max_positions, hidden_act=c.act,
             projection_dim=c.projection, eos_token_id=4, bos_token_id=3, pad_token_id=0)).eval()
-        hf.load_state_dict({k: v.float() for k, v in load_file(T.TEXT_ENCODERS / f"{name}.safetensors").items()})
+        hf.load_state_dict({k: v.float() for k, v in load_file(M.TEXT_ENCODERS / f"{name}.safetensors").items()})
         with torch.no_grad():
             want = hf(tok.encode(prompts)).text_embeds
         got = pooled[:, i * c.projection:(i + 1) * c.projection]

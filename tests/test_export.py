@@ -8,8 +8,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import export
-from text_encoders import PRESETS as CLIP_PRESETS
-from text_encoders import CLIPTextModel, load_clip
+from text.encoders import PRESETS as CLIP_PRESETS
+from text.encoders import CLIPTextModel, load_clip
 from unet import PRESETS as UNET_PRESETS
 from unet import UNet, load_unet
 from vae import PRESETS as VAE_PRESETS

@@ -15,6 +15,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import sample
+import teachers as TL
+import unet as U
 
 REPO = Path(__file__).resolve().parents[1]
 # SD 1.5 `scheduler/scheduler_config.json` (stable-diffusion-v1-5); timestep_spacing is the default "leading".
@@ -28,7 +30,7 @@ def test_ddim_schedule_matches_diffusers(steps):
     from diffusers import DDIMScheduler
     ref = DDIMScheduler(**SD15_SCHEDULER)
     ref.set_timesteps(steps)
-    t, alpha, alpha_prev = sample.ddim_schedule(steps)
+    t, alpha, alpha_prev = U.ddim_schedule(steps)
     assert t.tolist() == ref.timesteps.tolist()
     ratio = 1000 // steps  # diffusers' step(): prev = t - 1000 // steps, final_alpha_cumprod when negative
     want_prev = [ref.alphas_cumprod[p] if p >= 0 else ref.final_alpha_cumprod for p in (t - ratio).tolist()]
@@ -40,12 +42,12 @@ def test_ddim_step_matches_diffusers():
     from diffusers import DDIMScheduler
     ref = DDIMScheduler(**SD15_SCHEDULER)
     ref.set_timesteps(10)
-    t, alpha, alpha_prev = sample.ddim_schedule(10)
+    t, alpha, alpha_prev = U.ddim_schedule(10)
     g = torch.Generator().manual_seed(0)
     for i in (0, 5, 9):
         x, eps = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
         want = ref.step(eps, int(t[i]), x, eta=0.0).prev_sample
-        got = sample.ddim_step(x, eps, alpha[i], alpha_prev[i])
+        got = U.ddim_step(x, eps, alpha[i], alpha_prev[i])
         assert (got - want).abs().max() <= 1e-5 * want.abs().max()
 
 
@@ -106,7 +108,7 @@ def _write_single_file(pipe, path):
         tensors["first_stage_model." + o] = v[d][:, :, None, None] if ".attn_1." in o and v[d].ndim == 2 else v[d]
     for k, t in pipe.text_encoder.state_dict().items():  # transformers 5 names lack `text_model.`
         tensors["cond_stage_model.transformer.text_model." + k.removeprefix("text_model.")] = t
-    tensors["alphas_cumprod"] = sample.sd15_alphas_cumprod()
+    tensors["alphas_cumprod"] = U.sd15_alphas_cumprod()
     save_file({k: t.contiguous() for k, t in tensors.items()}, path)
 
 
@@ -183,13 +185,13 @@ def test_flow_sigmas_match_diffusers(steps):
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
     ref = FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER)
     ref.set_timesteps(steps)  # as StableDiffusion3Pipeline: no sigmas given
-    assert torch.equal(sample.sd3_sigmas(steps), ref.sigmas)
+    assert torch.equal(TL.sd3_sigmas(steps), ref.sigmas)
     for tokens, config in ((32, FLUX_DEV_SCHEDULER), (4096, FLUX_DEV_SCHEDULER), (1024, FLUX_SCHNELL_SCHEDULER)):
         mu = calculate_shift(tokens, 256, 4096, 0.5, 1.15)
-        assert sample.flux_mu(tokens) == mu
+        assert TL.flux_mu(tokens) == mu
         ref = FlowMatchEulerDiscreteScheduler(**config)
         ref.set_timesteps(steps, sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)  # as FluxPipeline
-        ours = sample.flux_sigmas(steps, mu if config["use_dynamic_shifting"] else None)
+        ours = TL.flux_sigmas(steps, mu if config["use_dynamic_shifting"] else None)
         assert torch.equal(ours, ref.sigmas), (tokens, ours, ref.sigmas)
 
 
@@ -203,14 +205,14 @@ def test_sd3_shift_from_the_scheduler_config(tmp_path):
     ref.save_config(tmp_path / "pipe" / "scheduler")
     ref.save_config(tmp_path / "single")  # scheduler_config.json beside single.safetensors
     for ckpt in (tmp_path / "pipe", tmp_path / "single" / "model.safetensors"):
-        assert sample.sd3_shift(ckpt) == 12.0
+        assert TL.sd3_shift(ckpt) == 12.0
     ref.set_timesteps(28)
-    assert torch.equal(sample.sd3_sigmas(28, sample.sd3_shift(tmp_path / "pipe")), ref.sigmas)
-    assert sample.sd3_shift(tmp_path / "elsewhere.safetensors") == 3.0
+    assert torch.equal(TL.sd3_sigmas(28, TL.sd3_shift(tmp_path / "pipe")), ref.sigmas)
+    assert TL.sd3_shift(tmp_path / "elsewhere.safetensors") == 3.0
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "scheduler_config.json").write_text('{"shift": "a lot"}')
     with pytest.raises(CheckpointError, match="bad/scheduler_config.json"):
-        sample.sd3_shift(tmp_path / "bad" / "model.safetensors")
+        TL.sd3_shift(tmp_path / "bad" / "model.safetensors")
 
 def _hf_clip(act, projection, seed):
     """A tiny CLIP text tower with the real vocabulary; head size 64 as the real ones (single files carry no head
@@ -315,7 +317,7 @@ def flux_schnell_files(tmp_path_factory):
     and a text-encoder folder of single files (`clip_l.safetensors`, `t5xxl_fp16.safetensors`, `spiece.model`)."""
     from diffusers import FluxPipeline
 
-    from teacher_mmdit import detect_teacher, from_diffusers
+    from teachers import detect_teacher, from_diffusers
     from vae import VAEConfig, vae_key_map
     d = tmp_path_factory.mktemp("flux_schnell")
     t5, t5_tok = _hf_t5(d / "text_encoders")
@@ -352,7 +354,7 @@ def _compare(out, ref_images, params_want):
 def _sd35_single_file(pipe, path):
     """The pipeline's transformer and VAE as a Stability single file (`sd3.5_large.safetensors` layout:
     `model.diffusion_model.*` MMDiT, `first_stage_model.*` VAE; text encoders ship separately)."""
-    from teacher_mmdit import detect_teacher, from_diffusers
+    from teachers import detect_teacher, from_diffusers
     from vae import VAEConfig, vae_key_map
     sd = {k: v.contiguous() for k, v in pipe.transformer.state_dict().items()}
     cfg = detect_teacher({k: tuple(v.shape) for k, v in sd.items()}).cfg

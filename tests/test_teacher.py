@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import teacher_mmdit as T
+import teachers as TL
 from weights import CheckpointError, build_meta, save_atomic
 
 LAYOUTS = Path(__file__).parent / "layouts"
@@ -64,7 +65,7 @@ def case(request, tmp_path_factory):
     ref = build()
     tmp = tmp_path_factory.mktemp(name)
     ref.save_pretrained(tmp / "pipe" / "transformer", max_shard_size="300KB" if name == "tiny_flux_dev" else "10GB")
-    original = T.from_diffusers(dict(ref.state_dict()), T.PRESETS[name])  # our map, inverted
+    original = TL.from_diffusers(dict(ref.state_dict()), T.PRESETS[name])  # our map, inverted
     extra = {"first_stage_model.decoder.conv_in.weight": torch.zeros(4, 16, 3, 3)} if prefix else {}
     save_atomic({prefix + k: v for k, v in original.items()} | extra, tmp / "original.safetensors")
     return name, ref, tmp
@@ -96,7 +97,7 @@ def reference(ref, x, sigma, context, pooled, guidance):
 def test_parity_with_diffusers(case):
     name, ref, tmp = case
     family = "sd3" if "sd3" in name else "flux"
-    models = {"diffusers": T.load_teacher(tmp / "pipe"), "original": T.load_teacher(tmp / "original.safetensors")}
+    models = {"diffusers": TL.load_teacher(tmp / "pipe"), "original": TL.load_teacher(tmp / "original.safetensors")}
     for m in models.values():
         assert m.variant == name and not any(p.requires_grad for p in m.parameters())
     for B, H, W in [(1, 8, 8), (2, 12, 8), (1, 16, 20)]:  # incl. non-square; SD3 table here covers 32x32
@@ -106,7 +107,7 @@ def test_parity_with_diffusers(case):
         for layout, m in models.items():
             err = rel_err(m(x, sigma, context, pooled, guidance=g), expected)
             assert err <= 1e-4, (name, layout, (B, H, W), err)
-    bf16 = T.load_teacher(tmp / "original.safetensors", dtype=torch.bfloat16)  # straight to bf16, no fp32 copy
+    bf16 = TL.load_teacher(tmp / "original.safetensors", dtype=torch.bfloat16)  # straight to bf16, no fp32 copy
     assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())
     x, sigma, context, pooled, guidance = inputs(family, 1, 8, 8)
     g = guidance if bf16.takes_guidance else None
@@ -119,7 +120,7 @@ def test_attention_maps(case, monkeypatch):
     """Our maps equal the image->text block of the joint softmax recorded from diffusers' own SDPA calls."""
     name, ref, tmp = case
     family = "sd3" if "sd3" in name else "flux"
-    m = T.load_teacher(tmp / "pipe")
+    m = TL.load_teacher(tmp / "pipe")
     B, H, W, L = 2, 8, 12, 5
     n_img = H * W // 4
     x, sigma, context, pooled, guidance = inputs(family, B, H, W, L)
@@ -164,13 +165,13 @@ def test_full_size_layouts(name, layout, diffusers_layout):
     ours = {prefix + k: tuple(v.shape) for k, v in model.state_dict().items()}
     real = {k: tuple(v) for k, v in json.loads((LAYOUTS / f"{layout}.json").read_text()).items()}
     assert ours == {k: v for k, v in real.items() if k.startswith(prefix)}  # drops first_stage_model.* (VAE)
-    found = T.detect_teacher(real)
+    found = TL.detect_teacher(real)
     assert (found.cfg, found.diffusers, found.prefix) == (cfg, False, prefix)
     if diffusers_layout:
         real_d = {k: tuple(v) for k, v in json.loads((LAYOUTS / f"{diffusers_layout}.json").read_text()).items()}
-        mapped = {k: tuple(v.shape) for k, v in T.to_diffusers(model.state_dict(), cfg).items()}
+        mapped = {k: tuple(v.shape) for k, v in TL.to_diffusers(model.state_dict(), cfg).items()}
         assert mapped == real_d
-        found = T.detect_teacher(real_d)
+        found = TL.detect_teacher(real_d)
         assert (found.cfg.variant, found.diffusers) == (name, True)
 
 
@@ -192,7 +193,7 @@ def test_lora(name, n_wrapped):
     base_sd = m.state_dict()
     with torch.no_grad():
         v0 = m(x, sigma, context, pooled, guidance=g)
-    params = T.add_lora(m, rank=4)
+    params = TL.add_lora(m, rank=4)
     assert len(params) == 2 * n_wrapped
     sd = m.state_dict()
     assert set(base_sd) <= set(sd) and all(".lora_" in k for k in set(sd) - set(base_sd))
@@ -203,17 +204,17 @@ def test_lora(name, n_wrapped):
         for p in params[1::2]:
             p.normal_(0, 0.1)
         v_on = m(x, sigma, context, pooled, guidance=g)
-        with T.lora_enabled(m, False):
+        with TL.lora_enabled(m, False):
             assert torch.equal(m(x, sigma, context, pooled, guidance=g), v0)  # off: exactly the base
         assert torch.equal(m(x, sigma, context, pooled, guidance=g), v_on)  # restored on exit
     assert (v_on - v0).abs().max() > 1e-3
-    T.lora_enabled(m, False)  # as a plain setter
+    TL.lora_enabled(m, False)  # as a plain setter
     assert torch.equal(m(x, sigma, context, pooled, guidance=g), v0)
-    T.lora_enabled(m, True)
+    TL.lora_enabled(m, True)
     m(x, sigma, context, pooled, guidance=g).square().mean().backward()
     n_mod = sum(".adaLN_modulation.1" in n or n.endswith(("_mod.lin", "modulation.lin"))
                 for n, _ in tiny(name).named_modules() if "blocks." in n)
-    assert len(T.add_lora(tiny(name), 2, targets=T.LORA_TARGETS + T.LORA_MODULATION)) == 2 * (n_wrapped + n_mod)
+    assert len(TL.add_lora(tiny(name), 2, targets=TL.LORA_TARGETS + TL.LORA_MODULATION)) == 2 * (n_wrapped + n_mod)
     lora_ids = {id(p) for p in params}
     for n, p in m.named_parameters():
         if id(p) in lora_ids:
@@ -225,7 +226,7 @@ def test_lora(name, n_wrapped):
 @pytest.mark.parametrize("name", ["tiny_flux_dev", "tiny_sd35"])
 def test_gradient_checkpointing(name, monkeypatch):
     m = tiny(name)
-    params = T.add_lora(m, rank=2)
+    params = TL.add_lora(m, rank=2)
     with torch.no_grad():
         for p in params[1::2]:
             p.normal_(0, 0.1)
@@ -265,4 +266,4 @@ def test_bad_input(tmp_path):
         sd3(x[..., :8, :8], sigma, context, pooled, attn_blocks=(5,))
     save_atomic({"decoder.conv_in.weight": torch.zeros(4, 16, 3, 3)}, tmp_path / "vae.safetensors")
     with pytest.raises(CheckpointError, match=r"vae\.safetensors.*a VAE"):
-        T.load_teacher(tmp_path / "vae.safetensors")
+        TL.load_teacher(tmp_path / "vae.safetensors")

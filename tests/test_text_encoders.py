@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from text_encoders import PRESETS, T5_PRESETS, CLIPTextModel, T5Encoder, clip_config, load_clip, load_t5, t5_config
-from tokenizer import CLIPTokenizer
+from text.encoders import PRESETS, T5_PRESETS, CLIPTextModel, T5Encoder, clip_config, load_clip, load_t5, t5_config
+from text.tokenizer import CLIPTokenizer
 from weights import CheckpointError, build_meta
 
 LAYOUTS = Path(__file__).parent / "layouts"

@@ -11,7 +11,7 @@ import pytest
 import regex
 import torch
 
-from tokenizer import CLIP_FOLDER, CLIPTokenizer, T5Tokenizer, read_spiece
+from text.tokenizer import CLIP_FOLDER, CLIPTokenizer, T5Tokenizer, read_spiece
 from weights import CheckpointError
 
 TEXTS = [
@@ -217,7 +217,7 @@ def test_find_clip_tokenizer_prefers_the_checkpoints_own(tmp_path):
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import models, pre_tokenizers
 
-    from tokenizer import find_clip_tokenizer
+    from text.tokenizer import find_clip_tokenizer
     texts = ["a red circle", "two words"]
     bundled = CLIPTokenizer().encode(texts)
     pipe = tmp_path / "pipe"

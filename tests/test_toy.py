@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-import toy
+import toy.world as toy
 from weights import CheckpointError
 
 

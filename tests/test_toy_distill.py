@@ -5,7 +5,7 @@ the student), does NOT reach the margin.
 
 The score is the judge's accuracy on the background colour (METRIC): the committed toy teacher gets it right (0.985)
 and the base student's one step, as the generator starts (t = 800, no CFG), does not (0.29). Fully satisfied moves too
-little in 60 iterations to tell a gain from noise (README: 0.015 -> 0.122 after 500).
+little in 60 iterations to tell a gain from noise (toy/LOG.md#the-method-transfers: 0.015 -> 0.122 after 500).
 
 Stage 1 is not repeated here: the runs start from the toy preset's trained projector (assets/toy/distilled/
 bridge.safetensors, what `python distill.py` wrote) and share one text cache, so the three runs cost only stage 2."""
@@ -19,25 +19,24 @@ import pytest
 import torch
 
 import bridge
-import toy
-from sample import one_step_x0
-from text_encoders import load_clip
-from tokenizer import find_clip_tokenizer
-from unet import load_unet
+import toy.world as toy
+from text.encoders import load_clip
+from text.tokenizer import find_clip_tokenizer
+from unet import load_unet, one_step_x0
 from vae import load_vae
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = ROOT / "assets" / "toy"
 PROJECTOR = TOY / "distilled" / "bridge.safetensors"
 pytestmark = pytest.mark.skipif(not (TOY / "teacher" / "toy_sd35.safetensors").is_file() or not PROJECTOR.is_file(),
-                                reason="the toy models (toy_train.py) and the toy preset's projector are not there")
+                                reason="the toy models (toy/train.py) and the toy preset's projector are not there")
 GEN_T = 800  # the toy preset's --gen-timestep: the base student is judged as the generator starts
 N_EVAL = 200  # fixed prompts (seed 777, those of assets/toy/scores.json) and noises (seed 0)
 # --lr 2e-4: the toy preset's 5e-5 suits its 500 iterations; in 60 it moves the background half as far (below).
 RUN = ["--steps", "60", "--lr", "2e-4", "--fake-steps-per-gen", "1", "--ema", "0", "--eval", "0",
        "--ckpt-every", "1000", "--sample-every", "1000"]
 # The pre-stated margin on the METRIC gain (after - before, on N_EVAL prompts), set before calibrating. Calibration
-# (this RUN, the models of the README table, the toy preset's pixel-tap projector and DMD noise levels U(0.4, 0.85)):
+# (this RUN, the models of the toy table, the toy preset's pixel-tap projector and DMD noise levels U(0.4, 0.85)):
 # the correct run gains 0.495 (0.29 -> 0.785; fully satisfied 0.015 -> 0.085), the flipped sign -0.26 (-> 0.03); a
 # detached Bridge gains exactly 0 (no gradient reaches the student); 40-60 s a run on one thread. With the feature tap's
 # projector it was 0.665, -0.135, 0; at the preset's lr 5e-5 that run gained 0.29, too close to the margin for a test.

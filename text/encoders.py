@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from weights import BENIGN, Checkpoint, CheckpointError, build_meta, describe, load_state
@@ -61,7 +62,7 @@ PRESETS = {  # CLIP text towers
 class LayerNorm(nn.LayerNorm):
     """LayerNorm computed in fp32 (bf16 statistics over 768-1280 channels lose precision), returned in x's dtype."""
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tensor:
         return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(),
                             self.eps).to(x.dtype)
 
@@ -72,7 +73,7 @@ class CLIPAttention(nn.Module):
         self.heads = cfg.heads
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(cfg.width, cfg.width) for _ in range(4))
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tensor:
         B, T, C = x.shape
         q, k, v = (p(x).view(B, T, self.heads, C // self.heads).transpose(1, 2)  # (B, heads, T, head_dim)
                    for p in (self.q_proj, self.k_proj, self.v_proj))
@@ -86,7 +87,7 @@ class CLIPMLP(nn.Module):
         self.act = cfg.act
         self.fc1, self.fc2 = nn.Linear(cfg.width, cfg.mlp), nn.Linear(cfg.mlp, cfg.width)
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tensor:
         h = self.fc1(x)
         h = h * torch.sigmoid(1.702 * h) if self.act == "quick_gelu" else F.gelu(h)  # 1.702: OpenAI clip/model.py
         return self.fc2(h)
@@ -100,7 +101,7 @@ class CLIPLayer(nn.Module):
         self.layer_norm1, self.layer_norm2 = LayerNorm(cfg.width, eps=cfg.eps), LayerNorm(cfg.width, eps=cfg.eps)
         self.self_attn, self.mlp = CLIPAttention(cfg), CLIPMLP(cfg)
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tensor:
         x = x + self.self_attn(self.layer_norm1(x))
         return x + self.mlp(self.layer_norm2(x))
 
@@ -126,7 +127,7 @@ class CLIPTextModel(nn.Module):
             final_layer_norm=LayerNorm(cfg.width, eps=cfg.eps)))
         self.text_projection = nn.Linear(cfg.width, cfg.projection, bias=False) if cfg.projection else None
 
-    def forward(self, input_ids: torch.Tensor) -> CLIPOutput:
+    def forward(self, input_ids: Tensor) -> CLIPOutput:
         B, T = input_ids.shape
         check_ids(input_ids, self.cfg.vocab_size, "CLIP text encoder")
         emb, layers = self.text_model.embeddings, self.text_model.encoder.layers
@@ -233,7 +234,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tensor:
         x = x.float()
         return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()).to(self.weight.dtype)
 
@@ -265,7 +266,7 @@ class T5Attention(nn.Module):
         idx = relative_buckets(T, self.cfg.buckets, self.cfg.max_distance, device)
         return self.relative_attention_bias.weight.float()[idx].permute(2, 0, 1)[None]  # (1, heads, T, T) fp32
 
-    def forward(self, x, bias):
+    def forward(self, x: Tensor, bias: Tensor) -> Tensor:
         B, T, _ = x.shape
         q, k, v = (p(x).view(B, T, self.cfg.heads, self.cfg.d_kv).transpose(1, 2)  # (B, heads, T, d_kv)
                    for p in (self.q, self.k, self.v))
@@ -280,7 +281,7 @@ class T5SelfAttentionLayer(nn.Module):
         super().__init__()
         self.SelfAttention, self.layer_norm = T5Attention(cfg, has_bias), RMSNorm(cfg.d_model, cfg.eps)
 
-    def forward(self, x, bias):
+    def forward(self, x: Tensor, bias: Tensor) -> Tensor:
         return self.SelfAttention(self.layer_norm(x), bias)
 
 
@@ -293,7 +294,7 @@ class T5GatedFF(nn.Module):
         self.wi_1 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
         self.wo = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tensor:
         h = F.gelu(self.wi_0(x), approximate="tanh") * self.wi_1(x)  # "gelu_new" in the T5 v1.1 config
         if h.dtype == torch.float16:  # T5 v1.1's FF outputs exceed fp16's range: that product in fp32 (bf16 is fine)
             return F.linear(h.float(), self.wo.weight.float())
@@ -305,7 +306,7 @@ class T5FFLayer(nn.Module):
         super().__init__()
         self.DenseReluDense, self.layer_norm = T5GatedFF(cfg), RMSNorm(cfg.d_model, cfg.eps)
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tensor:
         return self.DenseReluDense(self.layer_norm(x))
 
 
@@ -314,7 +315,7 @@ class T5Block(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList([T5SelfAttentionLayer(cfg, has_bias), T5FFLayer(cfg)])
 
-    def forward(self, x, bias):
+    def forward(self, x: Tensor, bias: Tensor) -> Tensor:
         # x is the fp32 residual stream: T5 v1.1 XXL activations grow to ~1e4 and beyond, where bf16 keeps only
         # 2-3 significant digits and small updates would vanish; each sublayer computes in the weights' dtype.
         x = x + self.layer[0](x, bias).float()
@@ -330,7 +331,7 @@ class T5Encoder(nn.Module):
         self.encoder = nn.ModuleDict(dict(block=nn.ModuleList(T5Block(cfg, i == 0) for i in range(cfg.layers)),
                                           final_layer_norm=RMSNorm(cfg.d_model, cfg.eps)))
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: Tensor) -> Tensor:
         """(B, T) ids -> (B, T, d_model) last hidden state, in the weights' dtype. No padding mask: the SD3 and FLUX
         pipelines attend to the pad tokens too."""
         blocks = self.encoder.block

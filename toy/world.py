@@ -24,7 +24,7 @@ px. `score` gives per-attribute accuracy, `all_correct` (the share of prompts fu
 `fd`, a Frechet distance in the CNN's 32-d feature space between the images and fresh renders of the same prompts.
 FD needs >= 2 images and is biased at small n: compare FDs only at equal n (>= 64 advised).
 
-Usage: python toy.py --show 16 --out grid.png | --train-judge | --eval-judge
+Usage: python -m toy.world --show 16 --out grid.png | --train-judge | --eval-judge
 """
 import argparse
 import re
@@ -196,7 +196,7 @@ def degrade(images: torch.Tensor, sigma: float = 1.0, noise: float = 0.1, seed: 
 
 
 # -------------------------------------------------------------------------------------------------- the judge
-JUDGE_PATH = Path(__file__).resolve().parent / "assets" / "toy" / "judge.safetensors"
+JUDGE_PATH = Path(__file__).resolve().parents[1] / "assets" / "toy" / "judge.safetensors"
 
 
 @dataclass
@@ -394,7 +394,7 @@ def train_judge(out=JUDGE_PATH, seed: int = 0, steps: int = 1500, batch: int = 6
 
 def load_judge(path=JUDGE_PATH) -> Judge:
     if not Path(path).exists():
-        raise CheckpointError(f"{path}: no judge weights; train them with `python toy.py --train-judge`")
+        raise CheckpointError(f"{path}: no judge weights; train them with `python -m toy.world --train-judge`")
     judge = build_meta(Judge, JudgeConfig())
     return load_state(judge, Checkpoint(path).tensors(dtype=torch.float32), path).eval()  # fp16 on disk
 

@@ -14,7 +14,7 @@ The text cache (`build_text_cache` / `load_text_cache`, and the command line bel
 prompt and for the negative (empty) prompt, the student's context and the teacher's context and pooled vector, so
 that training never runs the ~5B-parameter text encoders.
 
-    python conditioning.py --prompts prompts.txt --teacher sd3.5_large.safetensors --text-encoders text_encoders/ \
+    python -m text.conditioning --prompts prompts.txt --teacher sd3.5_large.safetensors --text-encoders text_encoders/ \
         --student v1-5-pruned-emaonly.safetensors --out cache.safetensors
 """
 import argparse
@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from text_encoders import CLIPTextModel, T5Encoder, load_clip, load_t5
-from tokenizer import CLIPTokenizer, T5Tokenizer, find_clip_tokenizer
+from text.encoders import CLIPTextModel, T5Encoder, load_clip, load_t5
+from text.tokenizer import CLIPTokenizer, T5Tokenizer, find_clip_tokenizer
 from weights import Checkpoint, CheckpointError, describe, find_component, save_atomic
 
 SD3_JOINT_DIM = 4096  # SD3 / SD3.5 joint_attention_dim (= T5-XXL width): CLIP features are zero-padded to it
@@ -103,7 +103,8 @@ class TeacherText:
 def teacher_family(path) -> tuple[str, int]:
     """("sd3" | "flux", default T5 length) of a teacher checkpoint, from its keys: SD3 256 tokens (diffusers
     default), FLUX.1-dev 512, FLUX.1-schnell (no guidance embedder) 256."""
-    from teacher_mmdit import FluxConfig, detect_teacher
+    from teacher_mmdit import FluxConfig
+    from teachers import detect_teacher
     ckpt = Checkpoint(find_component(path, "transformer"))
     found = detect_teacher({k: ckpt.shape(k) for k in ckpt.keys()})
     if found is None:
@@ -222,6 +223,32 @@ def load_text_cache(path, device="cpu") -> TextCache:
     if t["student_context"].shape[0] != len(prompts):
         raise CheckpointError(f"{path}: {t['student_context'].shape[0]} cached rows for {len(prompts)} prompts")
     return TextCache(prompts, meta["negative_prompt"], meta["family"], **t)
+
+
+def text_cache(path, prompts, teacher, text_encoders, student, family: str, dims: tuple, t5_tokenizer=None,
+               t5_length=None, use_t5=True, negative="", dtype=None, device=None, build=True, wait=None) -> TextCache:
+    """distill.py's cache: built when missing (by the process with `build`: rank 0 of a run, the others `wait()`),
+    then loaded and checked against the run: its prompts (if given) and its models' family and widths `dims` =
+    (teacher context, teacher pooled, student context). CheckpointError (one line) otherwise."""
+    if not Path(path).is_file():
+        if not (text_encoders and prompts):
+            raise CheckpointError(f"--text-cache {path}: no such file; build it with `python -m text.conditioning`, "
+                                  "or pass --prompts and --text-encoders to build it here")
+        if build:
+            text = load_teacher_text(teacher, text_encoders, t5_tokenizer, t5_length, use_t5, dtype=dtype,
+                                     device=device)
+            clip = load_clip(find_component(student, "text_encoder"), dtype=dtype, device=device)
+            build_text_cache(prompts, clip, text, path, negative, student_tok=find_clip_tokenizer(student))
+            del text, clip  # T5 and the CLIPs leave memory for good: training reads the cache only
+            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        wait() if wait else None
+    tc = load_text_cache(path)
+    if prompts is not None and tc.prompts != prompts:
+        raise CheckpointError(f"--text-cache {path} holds other prompts than --prompts")
+    if (tc.family, tc.teacher_context.shape[-1], tc.teacher_pooled.shape[-1], tc.student_context.shape[-1]) \
+            != (family, *dims):
+        raise CheckpointError(f"--text-cache {path} was built for other models ({tc.family} teacher)")
+    return tc
 
 
 def read_prompts(path) -> list[str]:

@@ -1,6 +1,6 @@
 """Train the toy world's tiny teacher and student with the project's own modules; evaluate them with the judge.
 
-The paper's setting in miniature (see toy.py for the world and its judge):
+The paper's setting in miniature (see toy/world.py for the world and its judge):
   teacher  SD3.5-structured MMDiT-X (attn2 + qk norm) in a 16-channel latent space at 128 px (16x16x16 latents),
            conditioned on CLIP-L + CLIP-G penultimate states + T5, flow matching, Euler + CFG.
   student  SD 1.5-structured UNet in a 4-channel latent space at 64 px (4x8x8 latents), eps prediction on SD 1.5's
@@ -15,7 +15,7 @@ channel with the family's own constants (SD 1.5 0.18215; SD3 1.5305, 0.0609), wh
 The files then look like real ones and every loader reads them unchanged.
 The text encoders (tiny CLIP / T5 structures over the toy vocabulary, 77 CLIP positions) are pretrained on text alone
 to tell the caption's attributes (`pretrain_text`: a stand-in for CLIP's and T5's pretraining), then frozen while
-their diffusion model trains, as SD 1.5's and SD3's are; read through conditioning.py's `sd15_context` /
+their diffusion model trains, as SD 1.5's and SD3's are; read through text/conditioning.py's `sd15_context` /
 `sd3_conditioning`.
 
 Output, in the real layouts (fp16 storage):
@@ -34,10 +34,10 @@ for the same-space one. The shift is saved as a scheduler_config.json beside eac
 and distill with it, so inference puts its steps where training put its weight. CFG dropout: 10% empty prompts for
 both models.
 
-    python toy_train.py                          # everything (~50 min on 2 CPU cores: two chains in parallel)
-    python toy_train.py --what vae_s,student     # parts: tokenizer, vae_s, vae_t, dec_s, dec_t, teacher, student,
+    python -m toy.train                          # everything (~50 min on 2 CPU cores: two chains in parallel)
+    python -m toy.train --what vae_s,student     # parts: tokenizer, vae_s, vae_t, dec_s, dec_t, teacher, student,
                                                  # teacher_ss, eval
-    python toy_train.py --what vae_t --more      # more VAE steps from the saved weights
+    python -m toy.train --what vae_t --more      # more VAE steps from the saved weights
 The teacher and student stop at their step count or their minutes, whichever comes first (the cosine learning rate
 follows that progress), so a slow shared machine still ends on time with an annealed model.
 """
@@ -48,7 +48,6 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -56,68 +55,16 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
-import conditioning as C
-import toy
+import text.conditioning as C
+import toy.models as M
+import toy.world as toy
 import vae as V
-from teacher_mmdit import PRESETS as TEACHER_PRESETS
-from teacher_mmdit import MMDiT, load_teacher
-from text_encoders import PRESETS as CLIP_PRESETS
-from text_encoders import T5_PRESETS, CLIPTextModel, T5Encoder, load_clip
-from tokenizer import BOS, EOS, CLIPTokenizer, T5Tokenizer
-from unet import PRESETS as UNET_PRESETS
+from teacher_mmdit import MMDiT
+from teachers import load_teacher
+from text.encoders import CLIPTextModel, T5Encoder, load_clip
+from text.tokenizer import CLIPTokenizer, T5Tokenizer
 from unet import UNet, load_unet
 from weights import Checkpoint, save_atomic
-
-ROOT = Path(__file__).resolve().parent / "assets" / "toy"
-STUDENT = ROOT / "student" / "toy_sd15.safetensors"
-TEACHER = ROOT / "teacher" / "toy_sd35.safetensors"
-TEXT_ENCODERS = ROOT / "teacher" / "text_encoders"
-SAME_SPACE = ROOT / "same_space" / "toy_sd35_4ch.safetensors"  # the README table's same-space reference teacher
-SAME_SPACE_TEXT = ROOT / "same_space" / "text_encoders"
-SCORES = ROOT / "scores.json"
-SPECIALS = ("<pad>", "</s>", "<unk>", BOS, EOS)  # <pad> = id 0 (T5's pad, and CLIP-G's pad id 0)
-T5_LENGTH = 32  # every toy caption fits (<= 20 words); stored as the tokenizer.json's fixed padding length
-
-# ------------------------------------------------------------------------------------------------------ the models
-# 4 levels (8x) of 64 channels, one ResNet block each (the decoder two), 4 latent channels. Not 32 channels at level 0
-# as the tiny preset: single files fix 32 GroupNorm groups, and 32 channels in 32 groups is an instance norm right
-# before the output conv, which erases the absolute colour of flat regions (this world is flat colours); with two
-# channels per group the decoder can keep it, and learns several times faster.
-# The student VAE (4 latent channels) is wider at 16x16 and 8x8 (128 channels: 4 per GroupNorm group): with 2 per group
-# its encoder's last norm nearly erased the flat background's colour (blue decoded as dark green).
-VAE_S = replace(V.PRESETS["tiny_sd15"], ch_mult=(2, 2, 4, 4), num_res_blocks=1)
-VAE_T = replace(V.PRESETS["tiny_sd3"], ch_mult=(2, 2, 2, 2), num_res_blocks=1)  # same, 16 latent channels
-VOCAB_SIZE = len(SPECIALS) + len(toy.VOCAB)
-# Head size 64 and quick GELU: what load_clip infers from a single file of width 64 (heads = width // 64).
-_CLIP = replace(CLIP_PRESETS["tiny_l"], vocab_size=VOCAB_SIZE, width=64, layers=2, heads=1, mlp=128)
-STUDENT_CLIP = _CLIP
-# The pooled output is read at the toy vocabulary's EOS (id 4), as load_teacher_text sets it from the tokenizer.
-TEACHER_CLIP_L = replace(_CLIP, projection=64, eos_id=SPECIALS.index(EOS))  # SD3's clip_l carries a text_projection
-TEACHER_CLIP_G = replace(TEACHER_CLIP_L)  # act stays quick GELU: the loader decides by width, not name
-# sd3_conditioning pads CLIP-L ++ CLIP-G (64 + 64) to the T5 width: d_model 128 = the teacher's context_dim.
-TEACHER_T5 = replace(T5_PRESETS["tiny"], vocab_size=VOCAB_SIZE, d_model=128, layers=2, heads=2, d_kv=64, d_ff=256)
-# MMDiT rule: heads = depth, hidden = depth * head_dim = 128; MMDiT-X attn2 in blocks 0, 1; 8x8 patch grid.
-TEACHER_CFG = replace(TEACHER_PRESETS["tiny_sd35"], depth=4, head_dim=32, pos_embed_max_size=8, context_dim=128,
-                      pooled_dim=128, attn2_blocks=(0, 1), variant="toy_sd35")
-# The same-space reference: the teacher's structure in the STUDENT's latent space (4 channels, 8x8: a 4x4 patch grid),
-# with text encoders of its own, trained alike.
-SAME_SPACE_CFG = replace(TEACHER_CFG, in_channels=4, pos_embed_max_size=4, variant="toy_sd35_4ch")
-# SD 1.5 structure (4 levels, attention in the first three, 8 heads, 32 groups), narrow and one ResBlock per level.
-# 64 channels at every level, not 32 at the first: the UNet's last GroupNorm (norm_out) sits on the first level's
-# channels, and 32 channels in 32 groups is an instance norm that removes each channel's spatial mean right before
-# conv_out, so eps (and x0) could not carry a prompt-dependent flat colour: with 32 the student drew every background
-# the same (judge: background 0.19 after 25 DDIM steps, chance 0.17; the VAE comment above is the same finding).
-STUDENT_CFG = replace(UNET_PRESETS["tiny"], model_channels=64, channel_mult=(1, 1, 1, 1), num_res_blocks=1,
-                      context_dim=64)
-STUDENT_RES, TEACHER_RES = 64, 128
-
-# The 16-channel teacher's time shift, in training and at inference (its scheduler_config.json). SD3 trains and samples
-# 1024 px at shift 3.0 and prescribes larger shifts for larger latents (more numbers carry the same image, so the
-# image shows through more noise: SD3 paper, section 5.3.2, shift sqrt(m / n)). The toy teacher's latents hold 16x the
-# numbers of the same-space teacher's (16x16x16 vs 4x8x8), whose shift is 3: sqrt(16) * 3 = 12. Measured at shift 3: the
-# 16-channel teacher read the shape's position from x_t down to sigma 0.98 and had learned to ignore the position
-# words (their swap changed its loss by < 0.1% at every sigma), so it drew the shape wherever the noise put it.
-TEACHER_SHIFT = 12.0
 
 PLAN = dict(  # steps, batch, lr, data: sized for ~35-40 minutes on two shared CPU cores
     # 32 px crops (the VAEs are fully convolutional; attention only in the mid block, at 4x4 here)
@@ -126,8 +73,8 @@ PLAN = dict(  # steps, batch, lr, data: sized for ~35-40 minutes on two shared C
     vae_t=dict(steps=700, batch=8, lr=1e-3, n=1500, crop=64, fg_weight=10.0),
     dec_s=dict(steps=200, batch=8, lr=5e-4, n=1000, fg_weight=5.0),  # then the decoders alone, on whole images
     dec_t=dict(steps=100, batch=4, lr=5e-4, n=600, fg_weight=5.0),
-    # whichever ends first: steps or minutes. shift: of the logit-normal training times (see TEACHER_SHIFT)
-    teacher=dict(steps=3000, batch=24, lr=8e-4, n=1500, minutes=25, shift=TEACHER_SHIFT, text_steps=600,
+    # whichever ends first: steps or minutes. shift: of the logit-normal training times (see M.TEACHER_SHIFT)
+    teacher=dict(steps=3000, batch=24, lr=8e-4, n=1500, minutes=25, shift=M.TEACHER_SHIFT, text_steps=600,
                  text_lr=1e-3),
     student=dict(steps=1500, batch=48, lr=6e-4, n=2000, minutes=10, text_steps=600, text_lr=1e-3),  # + its CLIP
     # the same-space reference
@@ -136,7 +83,7 @@ PLAN = dict(  # steps, batch, lr, data: sized for ~35-40 minutes on two shared C
 # `--what all`: two chains in parallel, one per core (~45 and ~40 minutes): the teacher's, and the student's followed
 # by the same-space reference teacher's (which needs only the student's VAE).
 CHAINS = ("vae_t,dec_t,teacher", "vae_s,dec_s,student,teacher_ss")
-DATA_SEED, EVAL_SEED, EVAL_N = 1, 777, 200
+DATA_SEED = 1
 
 
 def log(msg: str) -> None:
@@ -179,12 +126,12 @@ class Budget:
 def build_tokenizer(path: Path) -> Tokenizer:
     """WordLevel over SPECIALS + toy.VOCAB (every word its own id), lower-cased, split on whitespace and
     punctuation (= toy.words). Fixed padding to T5_LENGTH: the T5 length the toy teacher is trained with."""
-    vocab = {w: i for i, w in enumerate(SPECIALS + tuple(toy.VOCAB))}
+    vocab = {w: i for i, w in enumerate(M.SPECIALS + tuple(toy.VOCAB))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tok.add_special_tokens(list(SPECIALS))
-    tok.enable_padding(length=T5_LENGTH, pad_id=0, pad_token="<pad>")
+    tok.add_special_tokens(list(M.SPECIALS))
+    tok.enable_padding(length=M.T5_LENGTH, pad_id=0, pad_token="<pad>")
     path.parent.mkdir(parents=True, exist_ok=True)
     tok.save(str(path))
     return tok
@@ -316,7 +263,7 @@ def train_vae(cfg: V.VAEConfig, res: int, plan: dict, seed: int, init=None) -> t
 
 
 def run_vae(which: str, more: bool = False) -> dict:
-    cfg, res, path = (VAE_S, STUDENT_RES, STUDENT) if which == "vae_s" else (VAE_T, TEACHER_RES, TEACHER)
+    cfg, res, path = (M.VAE_S, M.STUDENT_RES, M.STUDENT) if which == "vae_s" else (M.VAE_T, M.TEACHER_RES, M.TEACHER)
     vae, info = train_vae(cfg, res, PLAN[which], seed=(1 if which == "vae_s" else 2) + 10 * more,
                           init=path if more else None)
     merge_save(path, half(vae.state_dict(), "first_stage_model."), ("first_stage_model.",))
@@ -327,8 +274,8 @@ def finetune_decoder(which: str, plan: dict, seed: int = 5) -> dict:
     """Decoder-only training on FULL images: GroupNorm statistics and the mid-block attention differ between crops
     and whole images, so a decoder trained on crops decodes whole latents badly. The encoder stays frozen, so the
     latents (and a diffusion model trained on them) are unchanged."""
-    cfg, res, path, family = (VAE_S, STUDENT_RES, STUDENT, "sd15") if which == "dec_s" else \
-        (VAE_T, TEACHER_RES, TEACHER, "sd3")
+    cfg, res, path, family = (M.VAE_S, M.STUDENT_RES, M.STUDENT, "sd15") if which == "dec_s" else \
+        (M.VAE_T, M.TEACHER_RES, M.TEACHER, "sd3")
     torch.manual_seed(seed)
     t0 = time.time()
     vae = V.load_vae(path, family=family)
@@ -376,7 +323,7 @@ def encode_dataset(vae: V.VAE, images: torch.Tensor) -> torch.Tensor:
 def sd3_text(clip_l, clip_g, t5, toks, prompts):
     """conditioning.sd3_conditioning with gradients (its undecorated function): the exact conditioning used at
     inference, so the encoders are pretrained and read in training as in sample.py / distill.py."""
-    return C.sd3_conditioning.__wrapped__(clip_l, clip_g, t5, prompts, T5_LENGTH, toks[2], toks[0], toks[1])
+    return C.sd3_conditioning.__wrapped__(clip_l, clip_g, t5, prompts, M.T5_LENGTH, toks[2], toks[0], toks[1])
 
 
 def cached_latents(which: str, n: int, res: int, path: Path) -> tuple[torch.Tensor, list]:
@@ -398,26 +345,26 @@ def train_teacher(plan: dict, seed: int = 3, more: bool = False, same_space: boo
     encoders of its own (trained alike, beside the teacher: assets/toy/same_space/)."""
     torch.manual_seed(seed + 10 * more)
     t0 = time.time()
-    x0_all, scenes = cached_latents("student", plan["n"], STUDENT_RES, STUDENT) if same_space else \
-        cached_latents("teacher", plan["n"], TEACHER_RES, TEACHER)
+    x0_all, scenes = cached_latents("student", plan["n"], M.STUDENT_RES, M.STUDENT) if same_space else \
+        cached_latents("teacher", plan["n"], M.TEACHER_RES, M.TEACHER)
     log(f"teacher: {len(x0_all)} latents {tuple(x0_all.shape[1:])} std {x0_all.std():.3f} in {time.time() - t0:.0f}s")
-    toks = tokenizers(TEXT_ENCODERS)
+    toks = tokenizers(M.TEXT_ENCODERS)
     if more:
-        text = C.load_teacher_text(TEACHER, TEXT_ENCODERS)  # CLIPs told the toy EOS id, as at inference
-        model, clip_l, clip_g, t5 = load_teacher(TEACHER), text.clip_l, text.clip_g, text.t5
+        text = C.load_teacher_text(M.TEACHER, M.TEXT_ENCODERS)  # CLIPs told the toy EOS id, as at inference
+        model, clip_l, clip_g, t5 = load_teacher(M.TEACHER), text.clip_l, text.clip_g, text.t5
         model.train().requires_grad_(True)
         for m in (clip_l, clip_g, t5):
             m.eval().requires_grad_(False)  # frozen, as SD3's (pretrain_text freezes fresh ones)
     else:
-        model, clip_l, clip_g, t5 = MMDiT(SAME_SPACE_CFG if same_space else TEACHER_CFG), \
-            CLIPTextModel(TEACHER_CLIP_L), CLIPTextModel(TEACHER_CLIP_G), T5Encoder(TEACHER_T5)
+        model, clip_l, clip_g, t5 = MMDiT(M.SAME_SPACE_CFG if same_space else M.TEACHER_CFG), \
+            CLIPTextModel(M.TEACHER_CLIP_L), CLIPTextModel(M.TEACHER_CLIP_G), T5Encoder(M.TEACHER_T5)
         init_weights(model, clip_l, clip_g, t5)
 
         def readout(prompts):  # the pooled vector (adaLN) and the mean context token (what joint attention reads)
             context, pooled = sd3_text(clip_l, clip_g, t5, toks, prompts)  # (B, 77 + T5_LENGTH, 128), (B, 128)
             h = torch.stack([pooled, context.mean(1)], 1)  # (B, 2, 128)
             return h, torch.ones(h.shape[:2])
-        pretrain_text([clip_l, clip_g, t5], readout, TEACHER_CFG.context_dim, plan, seed, "teacher")
+        pretrain_text([clip_l, clip_g, t5], readout, M.TEACHER_CFG.context_dim, plan, seed, "teacher")
     mods = [model, clip_l, clip_g, t5]
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=plan["lr"], weight_decay=0.01)
@@ -431,7 +378,7 @@ def train_teacher(plan: dict, seed: int = 3, more: bool = False, same_space: boo
         with torch.no_grad():  # the text encoders are frozen
             context, pooled = sd3_text(clip_l, clip_g, t5, toks, captions([scenes[i] for i in idx], rng))
         sigma = torch.sigmoid(torch.randn(len(idx), generator=g))  # logit-normal(0, 1) (SD3)
-        sigma = plan["shift"] * sigma / (1 + (plan["shift"] - 1) * sigma)  # time shift, as sample.sd3_sigmas
+        sigma = plan["shift"] * sigma / (1 + (plan["shift"] - 1) * sigma)  # time shift, as teachers.sd3_sigmas
         noise = torch.randn(x0.shape, generator=g)
         s = sigma[:, None, None, None]
         v = model((1 - s) * x0 + s * noise, sigma, context, pooled)
@@ -439,19 +386,19 @@ def train_teacher(plan: dict, seed: int = 3, more: bool = False, same_space: boo
         update(opt, params, loss, step, "teacher", t0)
         step += 1
     plan = {**plan, "steps_done": step}
-    folder = SAME_SPACE_TEXT if same_space else TEXT_ENCODERS
+    folder = M.SAME_SPACE_TEXT if same_space else M.TEXT_ENCODERS
     folder.mkdir(parents=True, exist_ok=True)
     if same_space:
-        shutil.copyfile(TEXT_ENCODERS / "tokenizer.json", folder / "tokenizer.json")
+        shutil.copyfile(M.TEXT_ENCODERS / "tokenizer.json", folder / "tokenizer.json")
     save_atomic(half(clip_l.state_dict()), folder / "clip_l.safetensors")
     save_atomic(half(clip_g.state_dict()), folder / "clip_g.safetensors")
     save_atomic(half(t5.state_dict()), folder / "t5xxl_fp16.safetensors")
     if same_space:  # a bare transformer file: its VAE is the student's
-        save_atomic(half(model.state_dict(), "model.diffusion_model."), SAME_SPACE)
+        save_atomic(half(model.state_dict(), "model.diffusion_model."), M.SAME_SPACE)
     else:
-        merge_save(TEACHER, half(model.state_dict(), "model.diffusion_model."), ("model.diffusion_model.",))
-    # Its time shift, where sample.sd3_shift (sample.py, distill.py) finds it: as a diffusers scheduler config.
-    (SAME_SPACE if same_space else TEACHER).with_name("scheduler_config.json").write_text(json.dumps(
+        merge_save(M.TEACHER, half(model.state_dict(), "model.diffusion_model."), ("model.diffusion_model.",))
+    # Its time shift, where teachers.sd3_shift (sample.py, distill.py) finds it: as a diffusers scheduler config.
+    (M.SAME_SPACE if same_space else M.TEACHER).with_name("scheduler_config.json").write_text(json.dumps(
         {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": plan["shift"]}, indent=1) + "\n")
     info = {"seconds": round(time.time() - t0), "params": sum(p.numel() for p in model.parameters()),
             "text_params": sum(p.numel() for m in mods[1:] for p in m.parameters()), **plan}
@@ -539,22 +486,23 @@ def train_student(plan: dict, seed: int = 4, more: bool = False) -> dict:
     seed += 10 * more
     torch.manual_seed(seed)
     t0 = time.time()
-    x0_all, scenes = cached_latents("student", plan["n"], STUDENT_RES, STUDENT)
+    x0_all, scenes = cached_latents("student", plan["n"], M.STUDENT_RES, M.STUDENT)
     log(f"student: {len(x0_all)} latents {tuple(x0_all.shape[1:])} std {x0_all.std():.3f} in {time.time() - t0:.0f}s")
-    tok = CLIPTokenizer.from_file(STUDENT.parent / "tokenizer.json")
+    tok = CLIPTokenizer.from_file(M.STUDENT.parent / "tokenizer.json")
     if more:
-        unet, clip = load_unet(STUDENT).train().requires_grad_(True), load_clip(STUDENT).eval().requires_grad_(False)
+        unet = load_unet(M.STUDENT).train().requires_grad_(True)
+        clip = load_clip(M.STUDENT).eval().requires_grad_(False)
     else:
         torch.manual_seed(seed)
-        clip = CLIPTextModel(STUDENT_CLIP)
+        clip = CLIPTextModel(M.STUDENT_CLIP)
         init_weights(clip)
         torch.nn.init.normal_(clip.text_model.embeddings.position_embedding.weight, std=0.01)
 
         def readout(prompts):  # SD 1.5 cross-attends to the last hidden states: the EOS and its padding must tell all
             ids = tok.encode(prompts)
             return clip(ids).last_hidden_state, ((ids == tok.eos_id).cumsum(1) > 0).float()  # (B, 77, w), (B, 77)
-        pretrain_text([clip], readout, STUDENT_CLIP.width, plan, seed, "student")
-        unet = UNet(STUDENT_CFG)
+        pretrain_text([clip], readout, M.STUDENT_CLIP.width, plan, seed, "student")
+        unet = UNet(M.STUDENT_CFG)
     params = list(unet.parameters())
     opt = torch.optim.AdamW(params, lr=plan["lr"], weight_decay=0.01)
     ac = ddpm_alphas_cumprod()
@@ -580,114 +528,11 @@ def train_student(plan: dict, seed: int = 4, more: bool = False) -> dict:
     plan = {**plan, "steps_done": step}
     tensors = {**half(unet.state_dict(), "model.diffusion_model."),
                **half(clip.state_dict(), "cond_stage_model.transformer.")}
-    merge_save(STUDENT, tensors, ("model.diffusion_model.", "cond_stage_model."))
+    merge_save(M.STUDENT, tensors, ("model.diffusion_model.", "cond_stage_model."))
     info = {"seconds": round(time.time() - t0), "params": sum(p.numel() for p in unet.parameters()),
             "text_params": sum(p.numel() for p in clip.parameters()), **plan}
     log(f"student done: {info}")
     return info
-
-
-# ------------------------------------------------------------------------------------------------------ evaluation
-def eval_prompts(n: int = EVAL_N, seed: int = EVAL_SEED) -> list[str]:
-    rng = np.random.default_rng(seed)
-    return [toy.caption(s, rng) for s in toy.sample_scenes(n, seed)]
-
-
-def load_toy_teacher():
-    """(teacher, text, vae) through the project's loaders, fp32 CPU."""
-    text = C.load_teacher_text(TEACHER, TEXT_ENCODERS)
-    return load_teacher(TEACHER), text, V.load_vae(TEACHER, family="sd3")
-
-
-def load_toy_student():
-    """(unet, clip, tokenizer, vae) through the project's loaders, fp32 CPU."""
-    tok = CLIPTokenizer.from_file(STUDENT.parent / "tokenizer.json")
-    return load_unet(STUDENT), load_clip(STUDENT), tok, V.load_vae(STUDENT, family="sd15")
-
-
-def load_same_space_teacher():
-    """(teacher, text, vae) of the same-space reference: its VAE is the student's."""
-    text = C.load_teacher_text(SAME_SPACE, SAME_SPACE_TEXT)
-    return load_teacher(SAME_SPACE), text, V.load_vae(STUDENT, family="sd15")
-
-
-@torch.no_grad()
-def teacher_images(prompts, steps: int = 28, cfg: float = 5.0, seed: int = 0, batch: int = 100, parts=None):
-    import sample
-    teacher, text, vae = parts or load_toy_teacher()
-    out = []
-    for i in range(0, len(prompts), batch):
-        p = prompts[i:i + batch]
-        g = torch.Generator().manual_seed(seed + i)
-        res, path = (TEACHER_RES, TEACHER) if teacher.cfg.in_channels == 16 else (STUDENT_RES, SAME_SPACE)
-        noise = torch.randn(len(p), teacher.cfg.in_channels, res // 8, res // 8, generator=g)
-        context, pooled = text([""] * len(p) + p)
-        sigmas = sample.sd3_sigmas(steps, sample.sd3_shift(path))
-        x = sample.sample_flow(teacher, context, pooled, noise, sigmas, cfg=cfg, progress=False)
-        out.append(vae.decode(x).clamp(-1, 1))
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def student_images(prompts, steps: int = 25, cfg: float = 7.5, seed: int = 0, batch: int = 100, parts=None):
-    """DDIM with sample.py's SD 1.5 sampler; steps=1: the one-step x0 prediction from t=999 (with CFG)."""
-    import sample
-    unet, clip, tok, vae = parts or load_toy_student()
-    out = []
-    for i in range(0, len(prompts), batch):
-        p = prompts[i:i + batch]
-        g = torch.Generator().manual_seed(seed + i)
-        noise = torch.randn(len(p), 4, STUDENT_RES // 8, STUDENT_RES // 8, generator=g)
-        if steps == 1:
-            ctx = clip(tok.encode([""] * len(p) + p)).last_hidden_state
-            eps_u, eps_c = unet(torch.cat([noise, noise]), torch.full((2 * len(p),), 999), ctx).chunk(2)
-            a = sample.sd15_alphas_cumprod()[999]
-            x = (noise - (1 - a).sqrt() * (eps_u + cfg * (eps_c - eps_u))) / a.sqrt()
-        else:
-            x = _ddim_batch(unet, clip, tok, p, noise, steps, cfg)
-        out.append(vae.decode(x).clamp(-1, 1))
-    return torch.cat(out)
-
-
-def _ddim_batch(unet, clip, tok, prompts, noise, steps, cfg):
-    """sample.sample_sd15's DDIM for a batch of different prompts (it takes one prompt for the whole batch)."""
-    import sample
-    context = clip(tok.encode([""] * len(prompts) + list(prompts))).last_hidden_state
-    timesteps, alphas, alphas_prev = sample.ddim_schedule(steps)
-    x = noise.float()
-    for i in range(steps):
-        eps_u, eps_c = unet(torch.cat([x, x]), timesteps[i].expand(2 * len(prompts)), context).float().chunk(2)
-        x = sample.ddim_step(x, eps_u + cfg * (eps_c - eps_u), alphas[i], alphas_prev[i])
-    return x
-
-
-def evaluate(which=("teacher", "student"), n: int = EVAL_N) -> dict:
-    """The judge on n fixed prompts (random templates and synonyms), one fixed noise per prompt; merged into
-    scores.json. Also the renders themselves and their VAE round trips (the ceiling each latent space allows)."""
-    judge, prompts = toy.load_judge(), eval_prompts(n)
-    res = {"n": n, "prompt_seed": EVAL_SEED}
-    real = {r: toy.render(toy.sample_scenes(n, EVAL_SEED), r) for r in (STUDENT_RES, TEACHER_RES)}
-    t0 = time.time()
-    if "teacher" in which:
-        res["teacher_euler28_cfg5"] = judge.score(prompts, teacher_images(prompts))
-        log(f"teacher: {res['teacher_euler28_cfg5']} ({time.time() - t0:.0f}s)")
-        with torch.no_grad():
-            vae = V.load_vae(TEACHER, family="sd3")
-            res["teacher_vae_round_trip"] = judge.score(prompts, vae.decode(vae.encode(real[TEACHER_RES])).clamp(-1, 1))
-    if "same_space" in which:
-        res["same_space_teacher_euler28_cfg5"] = judge.score(prompts, teacher_images(prompts,
-                                                             parts=load_same_space_teacher()))
-        log(f"same-space teacher: {res['same_space_teacher_euler28_cfg5']} ({time.time() - t0:.0f}s)")
-    if "student" in which:
-        parts = load_toy_student()
-        res["student_ddim25_cfg7.5"] = judge.score(prompts, student_images(prompts, parts=parts))
-        res["student_1step_cfg7.5"] = judge.score(prompts, student_images(prompts, steps=1, parts=parts))
-        log(f"student: 25 {res['student_ddim25_cfg7.5']}  1 {res['student_1step_cfg7.5']} ({time.time() - t0:.0f}s)")
-        with torch.no_grad():
-            vae = parts[3]
-            res["student_vae_round_trip"] = judge.score(prompts, vae.decode(vae.encode(real[STUDENT_RES])).clamp(-1, 1))
-    res["renders_64px"] = judge.score(prompts, real[STUDENT_RES])
-    return res
 
 
 def main(argv=None) -> None:
@@ -703,12 +548,12 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.what == "all":
-        for folder in (STUDENT.parent, TEXT_ENCODERS):
+        for folder in (M.STUDENT.parent, M.TEXT_ENCODERS):
             build_tokenizer(folder / "tokenizer.json")
-        cmd = [sys.executable, __file__, "--scale", str(args.scale), "--threads", str(args.threads), "--what"]
+        cmd = [sys.executable, "-m", "toy.train", "--scale", str(args.scale), "--threads", str(args.threads), "--what"]
         chains = [subprocess.Popen(cmd + [chain]) for chain in CHAINS]
         if any(c.wait() for c in chains):
-            raise SystemExit("toy_train.py: a training chain failed (see above)")
+            raise SystemExit("toy.train: a training chain failed (see above)")
         args.what = "eval,eval_same_space"
     what = args.what.split(",")
     for plan in PLAN.values():
@@ -717,10 +562,10 @@ def main(argv=None) -> None:
             plan.update(minutes=args.minutes, steps=10**6)  # the clock decides
     if args.more:
         PLAN["teacher"]["lr"] /= 2  # a warm restart: half the peak learning rate
-    info_path, info = ROOT / "train_info.json", {}
+    info_path, info = M.ROOT / "train_info.json", {}
     t0 = time.time()
     if "tokenizer" in what:
-        for folder in (STUDENT.parent, TEXT_ENCODERS):
+        for folder in (M.STUDENT.parent, M.TEXT_ENCODERS):
             build_tokenizer(folder / "tokenizer.json")
     for part in ("vae_s", "vae_t"):
         if part in what:
@@ -734,16 +579,17 @@ def main(argv=None) -> None:
         info["student" + "_more" * args.more] = train_student(PLAN["student"], more=args.more)
     if "teacher_ss" in what:
         info["teacher_ss"] = train_teacher(PLAN["teacher_ss"], same_space=True)
-    info["configs"] = {k: str(v) for k, v in dict(vae_s=VAE_S, vae_t=VAE_T, teacher=TEACHER_CFG, student=STUDENT_CFG,
-                                                   student_clip=STUDENT_CLIP, teacher_t5=TEACHER_T5).items()}
+    info["configs"] = {k: str(v) for k, v in dict(vae_s=M.VAE_S, vae_t=M.VAE_T, teacher=M.TEACHER_CFG,
+                                                   student=M.STUDENT_CFG, student_clip=M.STUDENT_CLIP,
+                                                   teacher_t5=M.TEACHER_T5).items()}
     if set(what) & {"vae_s", "vae_t", "dec_s", "dec_t", "teacher", "student", "teacher_ss"}:  # parallel runs: merge
         info = {**(json.loads(info_path.read_text()) if info_path.exists() else {}), **info}
         info_path.write_text(json.dumps(info, indent=1) + "\n")
     which = [w for w in ("teacher", "student", "same_space") if "eval" in what or f"eval_{w}" in what]
     if which:
-        new = evaluate(which)  # then merge: parts may be evaluated in parallel
-        scores = {**(json.loads(SCORES.read_text()) if SCORES.exists() else {}), **new}
-        SCORES.write_text(json.dumps(scores, indent=1) + "\n")
+        new = M.evaluate(which, log=log)  # then merge: parts may be evaluated in parallel
+        scores = {**(json.loads(M.SCORES.read_text()) if M.SCORES.exists() else {}), **new}
+        M.SCORES.write_text(json.dumps(scores, indent=1) + "\n")
         print(json.dumps(scores, indent=1))
     log(f"total {time.time() - t0:.0f}s")
 

@@ -1,9 +1,9 @@
 """Benchmark of distill.py at full size with random weights (a script, not a test).
 
-    python bench_distill.py --teacher sd35m --compile     # SD 1.5 + SD3.5-Medium at 1024 px, the defaults (batch 2)
-    python bench_distill.py --teacher flux --batch-size 1 # does a FLUX.1-dev teacher fit on one 80 GB GPU?
-    python bench_distill.py --teacher sd35m --tiny --device cpu   # smoke test of this script (tiny models)
-    python bench_distill.py --teacher sd35m --bridge-tap pixels   # the Bridge on the decoded image (toy's default)
+    python -m bench.cycle --teacher sd35m --compile     # SD 1.5 + SD3.5-Medium at 1024 px, the defaults (batch 2)
+    python -m bench.cycle --teacher flux --batch-size 1 # does a FLUX.1-dev teacher fit on one 80 GB GPU?
+    python -m bench.cycle --teacher sd35m --tiny --device cpu   # smoke test of this script (tiny models)
+    python -m bench.cycle --teacher sd35m --bridge-tap pixels   # the Bridge on the decoded image (toy's default)
 
 Writes random models at the released configs, in the released single-file layouts (v1-5-pruned-emaonly;
 sd3.5_medium with its VAE, or flux1-dev + ae beside it), and a random text cache into --work, then runs distill.py on
@@ -29,19 +29,20 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import bridge as BR
 import teacher_mmdit as TM
-import text_encoders as TE
+import teachers as TL
+import text.encoders as TE
 import train_state as TS
 import unet as U
 import vae as V
-from bench import made_on
-from conditioning import TENSORS
+from bench.modules import made_on
 from export import export_sd15_single_file
+from text.conditioning import TENSORS
 from weights import save_atomic
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("--teacher", choices=["sd35m", "flux"], default="sd35m")
 p.add_argument("--tiny", action="store_true", help="tiny models (a CPU smoke test of this script)")
-p.add_argument("--work", default="out/bench_distill", help="models, text cache and the run go here")
+p.add_argument("--work", default="out/bench_cycle", help="models, text cache and the run go here")
 p.add_argument("--device", default="cuda")
 p.add_argument("--steps", type=int, default=20, help="stage-2 iterations")
 p.add_argument("--skip", type=int, default=10, help="iterations left out of the medians (compilation, warm-up)")
@@ -132,7 +133,7 @@ B, hs, ht, fsg = used["batch_size"], student_res // 8, teacher_res // 8, used["f
 with torch.device("meta"):
     unet, svae = U.UNet(unet_cfg), V.VAE(svae_cfg).requires_grad_(False)
     tm = TM.Flux(tcfg) if flux else TM.MMDiT(tcfg)
-    TM.add_lora(tm, used["lora_rank"])
+    TL.add_lora(tm, used["lora_rank"])
     bridge = BR.Bridge(svae, tvae_cfg.latent_channels, teacher_res // student_res, used["bridge_width"],
                        used["bridge_depth"], used["bridge_tap"])  # the tap the run used (e.g. --bridge-tap pixels)
     zs = torch.randn(B, 4, hs, hs, requires_grad=True)

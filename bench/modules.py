@@ -1,8 +1,8 @@
 """Benchmark: our models vs diffusers' on the SAME random full-size weights (a script, not a test).
 
-    python bench.py                                    # SD 1.5 UNet forward + VAE decode, CPU fp32, 64x64 latents
-    python bench.py --device cuda --dtype bf16 --what unet,vae,sd35m,sd35,flux [--compile] [--no-ref]
-    python bench.py --what sd35m,sd35,flux --layers 1 --res 256 --runs 1     # CPU smoke test of the teachers
+    python -m bench.modules                         # SD 1.5 UNet forward + VAE decode, CPU fp32, 64x64 latents
+    python -m bench.modules --device cuda --dtype bf16 --what unet,vae,sd35m,sd35,flux [--compile] [--no-ref]
+    python -m bench.modules --what sd35m,sd35,flux --layers 1 --res 256 --runs 1   # CPU smoke test of the teachers
 
 Each model is built by diffusers at the released config with random init, then converted to ours through our key
 maps (the same tensors, nothing re-drawn), so both compute the same function on the same inputs. Timed after
@@ -21,6 +21,7 @@ from dataclasses import replace
 import torch
 
 import teacher_mmdit as tm
+import teachers as TL
 from unet import PRESETS as UNET_PRESETS
 from unet import UNet, unet_key_map
 from vae import PRESETS as VAE_PRESETS
@@ -84,7 +85,7 @@ def teacher(family, layers):
             attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
             guidance_embeds=True, axes_dims_rope=(16, 56, 56))
         ours = build_meta(tm.Flux, cfg)
-    state = tm.from_diffusers(dict(ref.state_dict()), cfg)  # fused qkv are new tensors; the rest is shared
+    state = TL.from_diffusers(dict(ref.state_dict()), cfg)  # fused qkv are new tensors; the rest is shared
     return load_state(ours, state, "diffusers reference").eval(), ref.eval()
 
 

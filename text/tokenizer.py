@@ -19,7 +19,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 
 from weights import CheckpointError
 
-CLIP_FOLDER = Path(__file__).resolve().parent / "assets" / "clip_tokenizer"
+CLIP_FOLDER = Path(__file__).resolve().parents[1] / "assets" / "clip_tokenizer"
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"  # ids 49406, 49407 in CLIP's vocab.json
 # CLIP's word split (simple_tokenizer.py): contractions, letter runs, single digits, runs of other non-space chars.
 CLIP_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""

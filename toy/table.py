@@ -1,6 +1,7 @@
-"""The README's toy-world table: the judge's scores of every model and ablation, over several seeds, with spread.
+"""The toy-world table (README, toy/LOG.md#the-full-toy-table): the judge's scores of every model and ablation,
+over several seeds, with spread.
 
-Rows (200 fixed prompts of the judge, toy_train.eval_prompts; mean +- std over --seeds):
+Rows (200 fixed prompts of the judge, toy.models.eval_prompts; mean +- std over --seeds):
   base student, 1 step / 25 DDIM steps (CFG 7.5)    sampling noise varies with the seed
   teacher, 28 Euler steps (CFG 5)                   the same; also the same-space reference teacher
   teacher through the student VAE                   the ceiling of a student that draws the teacher's images: those
@@ -13,16 +14,17 @@ Rows (200 fixed prompts of the judge, toy_train.eval_prompts; mean +- std over -
   features, 150 stage-1 steps: the toy preset before the pixel tap), with and without attention fidelity; naive Bridge
   (--bridge-kind naive: bilinear resize + 1x1 conv), exact path (--bridge-kind exact: back-propagation through
   decode-resize-encode), same-space distillation (--bridge-kind identity from the same-space teacher: no Bridge needed,
-  the reference point); and three variants: + DMD1's regression loss onto the teacher's own samples (--reg-weight 20);
-  + the projector fine-tuned during stage 2 on its reconstruction of the current samples (--bridge-lr 1e-3); the exact
-  path for 2000 iterations instead of 500 (--steps 2000; ~40 minutes a run). The rows after the naive Bridge's keep
-  the feature tap's flags (FEATURE_TAP), so that they are the same runs as before the toy preset moved to the pixel tap.
+  the reference point); and a variant: the exact path for 2000 iterations instead of 500 (--steps 2000; ~40 minutes a
+  run). The rows after the naive Bridge's keep the feature tap's flags (FEATURE_TAP), so that they are the same runs as
+  before the toy preset moved to the pixel tap. Two retired variant rows (RETIRED) stay in the table with their
+  numbers: their flags left distill.py (DMD1's regression, the projector fine-tuned in stage 2; neither helped, see
+  toy/LOG.md); they run at the commit named there.
 Wall time: sampling and judging the 200 prompts (model rows), or the whole distill.py run (both stages and its judging
 before and after) for distilled rows. Every run is a subprocess on one CPU thread; --jobs run at once.
 
-    python toy_table.py                     # everything (3 seeds; ~5 hours on 2 cores)
-    python toy_table.py --rows distilled --seeds 0   # one row, one seed
-Each run's result lands in out/table/ROW_sSEED/result.json; assets/toy/table.json and the printed markdown table
+    python -m toy.table                     # everything (3 seeds; ~5 hours on 2 cores)
+    python -m toy.table --rows distilled --seeds 0   # one row, one seed
+Each run's result lands in out/table/ROW_sSEED/result.json; toy/results/table.json and the printed markdown table
 are built from all of them (--collect: just that).
 """
 import argparse
@@ -38,9 +40,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "out" / "table"
-TABLE = ROOT / "assets" / "toy" / "table.json"
+TABLE = ROOT / "toy" / "results" / "table.json"
 SAME_SPACE = ROOT / "assets" / "toy" / "same_space"
 FEATURE_TAP = ["--bridge-tap", "features", "--bridge-steps", "150"]  # the toy preset before the pixel tap (its rows)
 DISTILL_ROWS = {  # row -> distill.py flags (on top of --preset toy)
@@ -52,11 +54,11 @@ DISTILL_ROWS = {  # row -> distill.py flags (on top of --preset toy)
     "feature_tap_no_attention_fidelity": [*FEATURE_TAP, "--attn-weight", "0"],
     "exact_path": [*FEATURE_TAP, "--bridge-kind", "exact"],
     "exact_path_2000": [*FEATURE_TAP, "--bridge-kind", "exact", "--steps", "2000"],
-    "regression": [*FEATURE_TAP, "--reg-weight", "20"],
-    "bridge_finetune": [*FEATURE_TAP, "--bridge-lr", "1e-3"],
     "same_space": [*FEATURE_TAP, "--bridge-kind", "identity", "--teacher", str(SAME_SPACE / "toy_sd35_4ch.safetensors"),
                    "--text-encoders", str(SAME_SPACE / "text_encoders"), "--teacher-res", "64"],
 }
+# rows whose flags left distill.py: `git checkout COMMIT && python toy_table.py --rows ROW` reruns them
+RETIRED = {"regression": "9592350", "bridge_finetune": "9592350"}
 MODEL_ROWS = ("student_1step", "student_ddim25", "teacher_euler28", "same_space_teacher_euler28",
               "teacher_via_student_vae", "teacher_via_student_decoder")
 LABELS = {"student_1step": "base student, 1 step (t = 999, CFG 7.5)", "student_ddim25": "base student, 25 DDIM steps",
@@ -80,15 +82,15 @@ METRICS = ("all_correct", "shape", "color", "background", "position", "size", "f
 
 
 def model_row(row: str, seed: int) -> dict:
-    import toy
-    import toy_train as T
+    import toy.models as M
+    import toy.world as toy
     torch.set_num_threads(1)
-    prompts, t0 = T.eval_prompts(), time.time()
+    prompts, t0 = M.eval_prompts(), time.time()
     if row.startswith("student"):
-        images = T.student_images(prompts, steps=1 if row == "student_1step" else 25, seed=seed)
+        images = M.student_images(prompts, steps=1 if row == "student_1step" else 25, seed=seed)
     else:
-        parts = T.load_same_space_teacher() if row.startswith("same_space") else None
-        images = T.teacher_images(prompts, seed=seed, parts=parts)
+        parts = M.load_same_space_teacher() if row.startswith("same_space") else None
+        images = M.teacher_images(prompts, seed=seed, parts=parts)
         if row.startswith("teacher_via"):
             images = through_student_vae(images, best_latent=row.endswith("decoder"))
     return toy.load_judge().score(prompts, images) | {"seconds": time.time() - t0}
@@ -99,10 +101,10 @@ def through_student_vae(images: torch.Tensor, best_latent: bool, steps: int = 40
     decoded by the student VAE; or (best_latent) decoded from the latent that the decoder renders closest to them
     (Adam on the L1 error, `steps` steps from the encoder's latent). A one-step student outputs latents, so only its
     decoder bounds it; the second is that bound, the first what the encoder finds."""
-    import toy_train as T
+    import toy.models as M
     import vae as V
-    vae = V.load_vae(T.STUDENT, family="sd15").requires_grad_(False)  # the VAE alone, as load_toy_student reads it
-    target = F.interpolate(images, (T.STUDENT_RES,) * 2, mode="bilinear", antialias=True)
+    vae = V.load_vae(M.STUDENT, family="sd15").requires_grad_(False)  # the VAE alone, as load_toy_student reads it
+    target = F.interpolate(images, (M.STUDENT_RES,) * 2, mode="bilinear", antialias=True)
     out = []
     for part in target.split(batch):
         with torch.no_grad():
@@ -139,7 +141,7 @@ def run(job):
     row, seed = job
     path = OUT / f"{row}_s{seed}" / "result.json"
     if row in MODEL_ROWS:  # in a subprocess too: one thread each, in parallel
-        cmd = [sys.executable, __file__, "--one", row, str(seed)]
+        cmd = [sys.executable, "-m", "toy.table", "--one", row, str(seed)]
         done = subprocess.run(cmd, cwd=ROOT, env=os.environ | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
@@ -186,6 +188,8 @@ def main():
     if args.one:
         print(json.dumps(model_row(args.one[0], int(args.one[1]))))
         return
+    if retired := [r for r in args.rows.split(",") if r in RETIRED]:
+        sys.exit(f"error: --rows {retired[0]}: retired; rerun it at commit {RETIRED[retired[0]]} (see RETIRED)")
     jobs = [] if args.collect else [(r, int(s)) for r in args.rows.split(",") for s in args.seeds.split(",")]
     table = collect()
     with ThreadPoolExecutor(args.jobs) as pool:  # threads that wait on subprocesses
@@ -193,7 +197,7 @@ def main():
             table = collect()
             TABLE.write_text(json.dumps(table, indent=1) + "\n")  # after each run: an interrupted table keeps its rows
     TABLE.write_text(json.dumps(table, indent=1) + "\n")
-    order = [r for r in MODEL_ROWS + tuple(DISTILL_ROWS) if r in table]
+    order = [r for r in MODEL_ROWS + tuple(DISTILL_ROWS) + tuple(RETIRED) if r in table]
     print(markdown({r: table[r] for r in order}))
 
 

@@ -1,0 +1,125 @@
+"""distill.py's two presets, kept out of the method's script: `toy` (the committed toy models of toy/train.py, the toy
+world's prompts, its judge) and `tiny` (random tiny models in the real single-file layouts, for the tests).
+
+    defaults(preset, real)       the preset's settings
+    prepare(args, out, master)   the preset's model paths into `args`; rank 0 writes what is missing (prompts, models)
+    Judge(n, student, ...)       the toy world's judge on n fixed prompts and noises: distill.py --eval
+    real_renders(prompts, res)   DMD2's GAN term on the toy preset: a fresh render of every training prompt
+"""
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import teacher_mmdit as TM
+import text.conditioning as C
+import text.encoders as TE
+import unet as U
+import vae as V
+from export import export_sd15_single_file
+from text.tokenizer import find_clip_tokenizer
+from toy import world
+from weights import CheckpointError, find_component, save_atomic
+
+TOY = Path(__file__).resolve().parents[1] / "assets" / "toy"  # the committed toy models (toy/train.py, toy/world.py)
+TINY_PROMPTS = ["a red circle on a blue background", "a small green square in the top left corner", "a yellow triangle",
+                "a large white cross on black", "a blue ring in the center", "a black square on a yellow background",
+                "a green triangle at the bottom right", "a photo of a cat"]
+
+
+def defaults(preset: str | None, real: dict) -> dict:
+    """distill.py's settings for a preset, on top of its full-size ones `real`."""
+    if preset is None:
+        return real
+    tiny = real | dict(
+        student_res=64, teacher_res=128, latents=32, held_out=8, bridge_steps=150, bridge_batch=4, bridge_width=32,
+        bridge_depth=1, steps=60, batch_size=2, lr=1e-4, fake_lr=1e-3, lora_rank=4, sample_every=20, ckpt_every=20,
+        t5_length=8)
+    if preset == "tiny":
+        return tiny
+    # sized for < 10 minutes on 2 CPU cores. The Bridge on the decoded image with 400 stage-1 steps
+    # (toy/LOG.md#pixel-tap); DMD's noise levels U(0.4, 0.85) unshifted and a 4x lower student lr
+    # (toy/LOG.md#dmd-noise-levels); the generator told t = 800 (toy/LOG.md#gen-t).
+    return tiny | dict(
+        latents=96, held_out=16, bridge_steps=400, bridge_batch=8, bridge_width=64, bridge_depth=2, bridge_tap="pixels",
+        steps=500, batch_size=8, lr=5e-5, fake_lr=1e-3, lora_rank=8, fake_steps_per_gen=2, cfg=4.5, ema=0.99,
+        sample_every=100, ckpt_every=100, t5_length=None, eval=200, gen_timestep=800, sigma_range=[0.4, 0.85],
+        dmd_shift=1.0)
+
+
+def prepare(args, out: Path, master: bool) -> None:
+    """Point `args` at the preset's models and prompts; on rank 0, write the preset's files that are missing.
+    tiny: random models (fixed seeds, SD 1.5 / SD3.5-Medium structure) saved as real single files, loaded back by
+    distill.py as real checkpoints would be. toy: the committed models; `--teacher` may replace the toy teacher (the
+    same-space reference of the toy table) if it shares its text encoders."""
+    if args.preset == "tiny":
+        tiny = out / "tiny"
+        args.student, args.teacher = str(tiny / "student.safetensors"), str(tiny / "teacher.safetensors")
+        args.text_encoders, args.no_t5 = args.text_encoders or str(tiny), True
+        args.prompts = args.prompts or str(tiny / "prompts.txt")
+        if master and not (tiny / "prompts.txt").exists():
+            _build_tiny(tiny)
+    elif args.preset == "toy":  # each tokenizer.json beside the models is found by find_clip_tokenizer
+        args.student = str(TOY / "student" / "toy_sd15.safetensors")
+        args.teacher = args.teacher or str(TOY / "teacher" / "toy_sd35.safetensors")
+        args.text_encoders = args.text_encoders or str(TOY / "teacher" / "text_encoders")
+        args.prompts = args.prompts or str(out / "prompts.txt")
+        if not Path(args.student).is_file():
+            raise CheckpointError(f"--preset toy: no toy models in {TOY}; train them first with `python -m toy.train`")
+        if master and not Path(args.prompts).exists():  # captions of random toy scenes (seed 0; the judge's: 777)
+            rng = np.random.default_rng(0)
+            Path(args.prompts).write_text("\n".join(world.caption(s, rng) for s in world.sample_scenes(1000, 0)) + "\n")
+
+
+def _build_tiny(folder: Path) -> None:
+    torch.manual_seed(1234)
+    clip_l = TE.CLIPTextModel(TE.PRESETS["tiny_l"])  # vocab 49408: the real CLIP tokenizer drives it
+    export_sd15_single_file(U.UNet(replace(U.PRESETS["tiny"], context_dim=clip_l.cfg.width)),
+                            V.VAE(V.PRESETS["tiny_sd15"]), clip_l, folder / "student.safetensors")
+    # quick GELU for CLIP-G: a single file carries no config and the loader picks the activation by width
+    clip_g = TE.CLIPTextModel(replace(TE.PRESETS["tiny_g"], act="quick_gelu"))
+    pooled_dim = clip_l.cfg.width + clip_g.cfg.projection  # CLIP-L pooled ++ CLIP-G projected, as SD3
+    teacher = TM.MMDiT(replace(TM.PRESETS["tiny_sd35"], pooled_dim=pooled_dim))
+    save_atomic({f"model.diffusion_model.{k}": v for k, v in teacher.state_dict().items()} |  # as sd3.5_medium:
+                {f"first_stage_model.{k}": v for k, v in V.VAE(V.PRESETS["tiny_sd3"]).state_dict().items()},
+                folder / "teacher.safetensors")  # transformer + VAE in one file
+    save_atomic(clip_l.state_dict(), folder / "clip_l.safetensors")  # keys text_model.*, as clip_l.safetensors
+    save_atomic(clip_g.state_dict(), folder / "clip_g.safetensors")
+    (folder / "prompts.txt").write_text("\n".join(TINY_PROMPTS) + "\n")
+
+
+class Judge:
+    """The toy world's judge (its HPS) on n fixed prompts (seed 777: those of assets/toy/scores.json) and fixed
+    noises (seed 0), for a one-step sampler `images(noise, context) -> (B, 3, H, W)` in [-1, 1]."""
+
+    def __init__(self, n: int, student: str, latent_hw: int, dtype, device):
+        self.judge, rng = world.load_judge(), np.random.default_rng(777)
+        self.prompts = [world.caption(s, rng) for s in world.sample_scenes(n, 777)]
+        clip = TE.load_clip(find_component(student, "text_encoder"), dtype=dtype, device=device)
+        self.context = C.sd15_context(clip, find_clip_tokenizer(student), self.prompts)
+        self.noise = torch.randn((n, 4, latent_hw, latent_hw), generator=torch.Generator().manual_seed(0)).to(device)
+
+    def __call__(self, images) -> dict:
+        n = len(self.prompts)
+        return self.judge.score(self.prompts, torch.cat([images(self.noise[i:i + 50], self.context[i:i + 50]).cpu()
+                                                         for i in range(0, n, 50)]))
+
+    def report(self, scores: dict, timestep: int) -> None:
+        """Print the scores (with the teacher's from assets/toy/scores.json, when it is there)."""
+        ref = json.loads((TOY / "scores.json").read_text()) if (TOY / "scores.json").is_file() else {}
+        scores = scores | ({"teacher (28 steps)": ref["teacher_euler28_cfg5"]} if "teacher_euler28_cfg5" in ref else {})
+        print(f"judge, one step (t = {timestep}) on {len(self.prompts)} fixed prompts and seeds (all_correct = the "
+              "toy HPS):")
+        for name, r in scores.items():
+            print(f"  {name:18s} all_correct {r['all_correct']:.3f} | " + " ".join(
+                f"{k} {r[k]:.2f}" for k in world.ATTRIBUTES) + f" | fd {r['fd']:.2f}")
+
+
+def real_renders(prompts: list[str], res: int) -> tuple[torch.Tensor, list]:
+    """(prompt indices, one loader per image) of real images for DMD2's GAN term: the toy world's render of every
+    training prompt (jittered by its index)."""
+    return torch.arange(len(prompts)), [
+        lambda i=i: world.render([replace(world.parse_prompt(prompts[i]), jitter=i)], res)[0]
+        for i in range(len(prompts))]
