@@ -44,9 +44,7 @@ class UsageError(ValueError):
     """Bad input or a stopped run: printed as one `error: ...` line, like the errors of the files it reads."""
 
 
-ONE_LINE = (UsageError, CheckpointError, TS.StateError, GAN.InputError)
-sys.excepthook = lambda kind, e, tb: print(f"error: {e}", file=sys.stderr) if issubclass(kind, ONE_LINE) else \
-    sys.__excepthook__(kind, e, tb)
+TS.one_line_errors(UsageError, CheckpointError, GAN.InputError, checkpoint=lambda: globals().get("ckpt_path"))
 
 
 class Parser(argparse.ArgumentParser):
@@ -151,8 +149,8 @@ if args.eval and args.preset != "toy":
     raise UsageError("--eval: the toy world's judge scores the toy preset only")
 if args.grad_ckpt is None:
     args.grad_ckpt = args.device.startswith("cuda")
-for k in ("latents", "held_out", "bridge_batch", "batch_size", "lora_rank", "fake_steps_per_gen", "sample_every",
-          "ckpt_every", "bridge_width", "bridge_depth", "sample_steps"):
+for k in ("steps", "latents", "held_out", "bridge_batch", "batch_size", "lora_rank", "fake_steps_per_gen",
+          "sample_every", "ckpt_every", "bridge_width", "bridge_depth", "sample_steps"):
     if getattr(args, k) < 1:
         raise UsageError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(args, k)}")
 if args.student_res % 64 or args.teacher_res % 16 or not 0 < args.sigma_range[0] < args.sigma_range[1] < 1:
@@ -179,13 +177,14 @@ amp = lambda: torch.autocast("cuda", torch.bfloat16) if cuda else nullcontext() 
 dt = torch.bfloat16 if cuda else torch.float32  # frozen weights (teacher, VAEs)
 
 out = Path(args.out or (f"out/{args.preset}" if args.preset else "out"))
-TS.check_writable(out, rank)
+TS.prepare_folder(out, rank)  # writable; temp files of an interrupted save removed
 ckpt_path, log_path = out / "checkpoint.safetensors", out / "log.jsonl"
-presets.prepare(args, out, master)  # a preset's models and prompts (toy/presets.py); rank 0 writes missing files
+presets.prepare(args, out)  # a preset's models and prompts (toy/presets.py)
 args.text_cache = args.text_cache or str(out / "text_cache.safetensors")
 RUNTIME = {"steps", "out", "resume", "device", "compile", "grad_ckpt", "fsdp", "sample_every", "ckpt_every",
            "text_cache", "text_encoders", "t5_tokenizer", "bridge", "eval"}
-config = json.loads(json.dumps({k: v for k, v in vars(args).items() if k not in RUNTIME} | {"world": world}))
+config = json.loads(json.dumps({k: TS.portable(v, out) for k, v in vars(args).items() if k not in RUNTIME}
+                              | {"world": world}))  # paths: relative to the folder, or by name and content
 if args.resume:
     TS.check_config(ckpt_path, config)
 elif ckpt_path.exists():  # a preset reruns over a FINISHED run of itself with the same settings (it writes the same)
@@ -196,6 +195,7 @@ elif ckpt_path.exists():  # a preset reruns over a FINISHED run of itself with t
         print(f"{out}: a finished --preset {args.preset} run with these settings; running it again over it")
         ckpt_path.unlink(), log_path.unlink(missing_ok=True)
 TS.seed_all(args.seed)
+presets.build(args, out) if master else None  # rank 0 writes what a preset lacks (its models, prompts)
 barrier()
 prompts = prompts or (C.read_prompts(args.prompts) if args.prompts else None)
 
@@ -210,8 +210,7 @@ tvae = svae if args.bridge_kind == "identity" else V.load_vae(
 cache = C.text_cache(args.text_cache, prompts, args.teacher, args.text_encoders, args.student, family,
                      (teacher.cfg.context_dim, teacher.cfg.pooled_dim, model.cfg.context_dim), args.t5_tokenizer,
                      args.t5_length, not args.no_t5, args.negative_prompt, dt, device, build=master, wait=barrier)
-hs, ht = args.student_res // 8, args.teacher_res // 8  # latent sizes (both VAEs are 8x)
-scale = BR.scale_for((hs, hs), (ht, ht))  # checked above
+hs, ht, scale = args.student_res // 8, args.teacher_res // 8, args.teacher_res // args.student_res  # checked above
 exact = lambda z: BR.bridge_target(svae, tvae, z, (ht, ht))  # z_T*: student decode, resize, teacher encode
 if args.bridge_kind == "identity" and (scale, getattr(teacher.cfg, "in_channels", 0)) != (1, 4):
     raise UsageError(f"--bridge-kind identity needs a teacher in the student's latent space (4 channels, --teacher-res "
@@ -357,7 +356,7 @@ def save_checkpoint(step):  # a collective under FSDP (LoRA and optimizer states
     parts = {"student": model.state_dict(), "projector": to_teacher.state_dict(), "lora": dict(lora)}
     parts |= gan.state_dicts()
     TS.save_state(ckpt_path, step, config, parts | ({"ema": ema.state_dict()} if ema is not None else {}), optimizers,
-                  {"data": draw.gen}, write=master, metadata={"student": args.student})
+                  {"data": draw.gen}, write=master, metadata={"student": args.student, "teacher": args.teacher})
 
 
 start = TS.restore(state, optimizers, {"data": draw.gen}) if args.resume else 0
@@ -439,9 +438,10 @@ if master:
     name = {"bridge": "bridge", "naive": "naive"}.get(args.bridge_kind)  # exact / identity: nothing learned
     if name and not (out / f"{name}.safetensors").exists():  # no stage 1 in this run (--bridge or --resume)
         save_atomic(to_teacher.state_dict(), out / f"{name}.safetensors")
+    wrote = [f for f in ("student.safetensors", "student_ema.safetensors", "tokenizer.json", f"{name}.safetensors",
+                         "log.jsonl", f"grid_{args.steps:06d}.png", "checkpoint.safetensors") if (out / f).is_file()]
     print(f"stage 2: {args.steps - start} steps in {time.time() - t0:.1f}s; run {time.time() - t_start:.1f}s; "
-          f"wrote {out}/: student.safetensors{', student_ema.safetensors' if ema is not None else ''}, "
-          "bridge.safetensors, log.jsonl, grid_*.png, checkpoint.safetensors")
+          f"wrote {out}/: {', '.join(wrote)}; open {out / f'grid_{args.steps:06d}.png'} for its samples")
     if args.eval:
         scores |= {"student": judge_scores(model)} | ({"ema": judge_scores(ema)} if ema is not None else {})
         log({"stage": "judge", **scores})

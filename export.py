@@ -14,10 +14,8 @@ diffusers 0.42 UNet2DConditionModel.__init__ and the SD 1.5 `unet/config.json`.
 """
 import argparse
 import json
-import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -26,7 +24,7 @@ from safetensors import safe_open
 from text.encoders import load_clip
 from unet import UNet, _config_original, load_unet, unet_key_map
 from vae import load_vae
-from weights import Checkpoint, CheckpointError, build_meta, find_component, load_state, save_atomic
+from weights import Checkpoint, CheckpointError, build_meta, find_component, load_state, save_atomic, write_atomic
 
 UNET, VAE, CLIP = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
 
@@ -44,6 +42,12 @@ def export_sd15_single_file(unet, vae, clip, path, metadata=None, dtype=None) ->
     save_atomic(tensors, path, metadata={str(k): str(v) for k, v in (metadata or {}).items()})
 
 
+def vocabulary(base) -> Path | None:
+    """The tokenizer.json beside a single-file student (a vocabulary of its own, the toy's), else None."""
+    tok = Path(base).parent / "tokenizer.json"
+    return tok if Path(base).is_file() and tok.is_file() else None
+
+
 def export_distilled(unet, base, out: Path, metadata: dict, ema=None, ema_decay: float = 0.0) -> None:
     """distill.py's exports: out/student.safetensors (and student_ema.safetensors) with the base student's own VAE
     and CLIP-L, as released (fp32), and the base's tokenizer.json when it has a vocabulary of its own (the toy's)."""
@@ -51,15 +55,15 @@ def export_distilled(unet, base, out: Path, metadata: dict, ema=None, ema_decay:
     export_sd15_single_file(unet, vae, clip, out / "student.safetensors", metadata)
     if ema is not None:
         export_sd15_single_file(ema, vae, clip, out / "student_ema.safetensors", metadata | {"ema": str(ema_decay)})
-    if (tok := Path(base).parent / "tokenizer.json").is_file():
+    if (tok := vocabulary(base)) is not None:
         shutil.copyfile(tok, out / "tokenizer.json")
 
 
-def diffusers_unet_config(cfg) -> dict:
-    """config.json of UNet2DConditionModel for an SD 1.5-structured UNetConfig."""
+def diffusers_unet_config(cfg, resolution: int = 512) -> dict:
+    """config.json of UNet2DConditionModel for an SD 1.5-structured UNetConfig (sample_size: the latent size)."""
     levels, attn = range(len(cfg.channel_mult)), cfg.attention_levels
     return {
-        "_class_name": "UNet2DConditionModel", "sample_size": 64,  # 64: SD 1.5's latent size at 512 px
+        "_class_name": "UNet2DConditionModel", "sample_size": resolution // 8,
         "in_channels": cfg.in_channels, "out_channels": cfg.out_channels,
         "block_out_channels": [cfg.model_channels * m for m in cfg.channel_mult],
         "layers_per_block": cfg.num_res_blocks,
@@ -73,30 +77,21 @@ def diffusers_unet_config(cfg) -> dict:
     }
 
 
-def _write_text_atomic(text: str, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def export_diffusers_unet(unet, folder, dtype=None) -> None:
-    """UNet -> a diffusers `unet/` folder (config.json + diffusion_pytorch_model.safetensors)."""
-    folder = Path(folder)
+def export_diffusers_unet(unet, folder, dtype=None, metadata: dict | None = None) -> None:
+    """UNet -> a diffusers `unet/` folder (config.json + diffusion_pytorch_model.safetensors); a distilled student's
+    metadata (timestep, resolution) rides in the safetensors file, its resolution in config.json's sample_size."""
+    folder, metadata = Path(folder), {str(k): str(v) for k, v in (metadata or {}).items()}
     folder.mkdir(parents=True, exist_ok=True)
     names = unet_key_map(unet.cfg)  # original -> diffusers
     state = _cast(unet.state_dict(), dtype)
     save_atomic({names[k]: v for k, v in state.items()}, folder / "diffusion_pytorch_model.safetensors",
-                metadata={"format": "pt"})
-    _write_text_atomic(json.dumps(diffusers_unet_config(unet.cfg), indent=2), folder / "config.json")
+                metadata={"format": "pt"} | metadata)
+    config = diffusers_unet_config(unet.cfg, int(metadata.get("resolution", 512)))
+    write_atomic(folder / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
 
 
 def load_student(path, base=None, ema=False):
-    """(unet, vae, clip, metadata) from a distill.py checkpoint (UNet under `student.` / `ema.`, VAE and CLIP from
+    """(unet, vae, clip, metadata, base) from a distill.py checkpoint (UNet under `student.` / `ema.`, VAE and CLIP from
     the base student named in its config or by `base`) or from an SD 1.5 single file / diffusers folder."""
     path = Path(path)
     ckpt = Checkpoint(path)
@@ -105,10 +100,11 @@ def load_student(path, base=None, ema=False):
             meta = f.metadata() or {}
         base = base or path
         return (load_unet(path), load_vae(base, family="sd15"), load_clip(find_component(base, "text_encoder")),
-                meta)
+                meta, base)
     with safe_open(str(ckpt.path), "pt") as f:
         meta = f.metadata() or {}
-    base = base or json.loads(meta.get("config", "{}")).get("student")
+    config = json.loads(meta.get("config", "{}"))
+    base = base or meta.get("student") or config.get("student")  # as the run named it (older runs: its config)
     if base is None:
         raise CheckpointError(f"{path}: checkpoint names no base student; pass --base (the SD 1.5 it started from)")
     prefix = "ema." if ema else "student."
@@ -116,8 +112,12 @@ def load_student(path, base=None, ema=False):
         raise CheckpointError(f"{path}: no EMA weights in this checkpoint (trained with --ema 0)")
     cfg = _config_original(ckpt.shapes(prefix))  # the UNet config read off the shapes, as load_unet does
     unet = load_state(build_meta(UNet, cfg), ckpt.tensors(prefix), path)
-    out = {"distilled": "1", "steps": "1", "timestep": "999", "step": meta.get("step", "?"), "ema": str(int(ema))}
-    return unet.eval(), load_vae(base, family="sd15"), load_clip(find_component(base, "text_encoder")), out
+    # The metadata of distill.py's own export: the run's timestep and resolution, and the same header length, so that
+    # the tensors lie at the same memory alignment (CPU kernels round the last bit by it): the same pixels
+    out = {"distilled": "1", "steps": "1", "timestep": str(config.get("gen_timestep", 999)),
+           "resolution": str(config.get("student_res", 512)), "teacher": meta.get("teacher", ""),
+           "step": meta.get("step", "?")} | ({"ema": str(config.get("ema"))} if ema else {})
+    return unet.eval(), load_vae(base, family="sd15"), load_clip(find_component(base, "text_encoder")), out, base
 
 
 def main(argv=None) -> int:
@@ -130,14 +130,16 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     dtype = torch.float16 if args.fp16 else None
     try:
-        unet, vae, clip, meta = load_student(args.student, args.base, args.ema)
+        unet, vae, clip, meta, base = load_student(args.student, args.base, args.ema)
         out = Path(args.out)
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise CheckpointError(f"--out {out}: cannot create the folder ({e.strerror or e})") from None
         export_sd15_single_file(unet, vae, clip, out / "student.safetensors", meta, dtype)
-        export_diffusers_unet(unet, out / "unet", dtype)
+        export_diffusers_unet(unet, out / "unet", dtype, meta)
+        if (tok := vocabulary(base)) is not None:  # a student with a vocabulary of its own (the toy's)
+            shutil.copyfile(tok, out / "tokenizer.json")
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -24,9 +24,8 @@ pipeline root), else the checkpoint's own pipeline folder. Their VAE: --vae, els
 root's vae/, or first_stage_model.* in an SD3.5 single file), else ae.safetensors beside the checkpoint or in the
 --text-encoders folder.
 
---batch N makes N images of one prompt from one (N, C, h, w) noise draw (= diffusers' num_images_per_prompt=N with
-one generator) and writes numbered files: `--out cat.png --batch 2` -> cat-0.png, cat-1.png. Each PNG carries its
-parameters as JSON in a text chunk ("parameters").
+--batch N: N images of one prompt from one noise draw (diffusers' num_images_per_prompt), written as `--out cat.png
+--batch 2` -> cat-0.png, cat-1.png. Each PNG carries its parameters as JSON in a text chunk ("parameters").
 
 References: Song et al. 2020 (DDIM); Esser et al. 2024 (rectified flow, SD3); diffusers 0.42
 `schedulers/scheduling_ddim.py`, `schedulers/scheduling_flow_match_euler_discrete.py`, the three pipelines, and
@@ -45,13 +44,14 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 import teachers as TL
+import vae as V
 from teacher_mmdit import FluxConfig
 from text.conditioning import load_teacher_text
 from text.encoders import load_clip
 from text.tokenizer import find_clip_tokenizer
 from unet import load_unet, sample_one_step, sample_sd15
 from vae import load_vae, to_uint8
-from weights import Checkpoint, CheckpointError, describe, find_component
+from weights import Checkpoint, CheckpointError, describe, find_component, write_atomic
 
 # --ckpt by default: what `python distill.py [--preset toy]` wrote, else the committed distilled toy student
 DISTILLED = ("out/toy/student.safetensors", "out/tiny/student.safetensors",
@@ -85,27 +85,23 @@ def detect(path):
 
 def check_writable(path: Path) -> None:
     """Fail before minutes of loading and sampling if the PNG could not be written."""
-    try:
+    if path.is_dir():
+        raise UsageError(f"--out {path}: a directory; name the PNG file to write")
+    try:  # a probe written like the PNG will be; orphans of an earlier, killed write of it are removed
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
         os.close(fd)
-        os.unlink(tmp)
+        for orphan in path.parent.glob(path.name + ".*.tmp"):  # the probe among them
+            orphan.unlink()
     except OSError as e:
         raise UsageError(f"--out {path}: cannot write there ({e.strerror or e})") from None
 
 
 def save_png(pixels: np.ndarray, path: Path, params: dict) -> None:
-    """Atomic write (temp file in the same folder, then rename), parameters as JSON in a PNG text chunk."""
+    """Atomic write (weights.write_atomic), parameters as JSON in a PNG text chunk."""
     info = PngInfo()
     info.add_text("parameters", json.dumps(params))
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        Image.fromarray(pixels).save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda tmp: Image.fromarray(pixels).save(tmp, format="PNG", pnginfo=info))
 
 
 # ----------------------------------------------------------------------------- command line
@@ -189,6 +185,8 @@ def run(args) -> list[Path]:
         [Path(args.out).with_name(f"{Path(args.out).stem}-{i}{Path(args.out).suffix}") for i in range(args.batch)]
     for p in paths:
         check_writable(p)
+    if need := V.decode_too_big(args.batch, height, width, dtype, device):
+        raise UsageError(f"--width {width} / --height {height} / --batch {args.batch}: {need}")
 
     # As diffusers' randn_tensor: drawn on a CPU generator in the model dtype, then moved. DDIM's initial sigma is
     # 1; FluxPipeline draws (B, 16, h, w) too and only then packs 2x2, which our FLUX does inside.
@@ -204,8 +202,9 @@ def run(args) -> list[Path]:
         clip = load_clip(find_component(args.ckpt, "text_encoder"), dtype=dtype, device=device)
         tok = find_clip_tokenizer(args.ckpt)
         if distilled:
-            latents = sample_one_step(unet, clip, tok, args.prompt, noise, steps, int(meta.get("timestep", 999)), gen)
-            params.update(sampler="distilled", distilled_steps=steps)
+            t = int(meta.get("timestep", 999))
+            latents = sample_one_step(unet, clip, tok, args.prompt, noise, steps, t, gen)
+            params.update(sampler="distilled", distilled_steps=steps, timestep=t)
         else:
             latents = sample_sd15(unet, clip, tok, args.prompt, args.negative_prompt, noise, steps, cfg, progress)
             params.update(sampler="ddim", cfg=cfg)
@@ -246,6 +245,12 @@ def main(argv=None) -> int:
     except (CheckpointError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except torch.OutOfMemoryError:
+        print(f"error: out of memory at --batch {args.batch}: ask for fewer or smaller images", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: nothing written", file=sys.stderr)
+        return 130
     for p in paths:
         print(p)
     return 0

@@ -42,6 +42,7 @@ class MMDiTConfig:
     """SD3 family. Defaults: SD3.5-Medium (sd3.5_medium.safetensors, MMDiT-X)."""
     depth: int = 24                  # joint blocks; heads = depth and hidden = 64 * depth (the MMDiT rule)
     head_dim: int = 64
+    n_heads: int | None = None       # None: = depth (every released model); a diffusers config.json may say other
     in_channels: int = 16
     patch_size: int = 2
     context_dim: int = 4096          # CLIP-L+G (2048, zero-padded) and T5-XXL tokens
@@ -53,8 +54,12 @@ class MMDiTConfig:
     variant: str = "sd35_medium"
 
     @property
+    def heads(self) -> int:
+        return self.n_heads or self.depth
+
+    @property
     def hidden(self) -> int:
-        return self.depth * self.head_dim
+        return self.heads * self.head_dim
 
 
 @dataclass(frozen=True)
@@ -286,8 +291,8 @@ class DismantledBlock(nn.Module):
         C = cfg.hidden
         n = 2 if pre_only else 9 if attn2 else 6
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(C, n * C))
-        self.attn = SelfAttention(C, cfg.depth, cfg.qk_norm, pre_only)
-        self.attn2 = SelfAttention(C, cfg.depth, cfg.qk_norm) if attn2 else None
+        self.attn = SelfAttention(C, cfg.heads, cfg.qk_norm, pre_only)
+        self.attn2 = SelfAttention(C, cfg.heads, cfg.qk_norm) if attn2 else None
         self.mlp = None if pre_only else Mlp(C, int(C * cfg.mlp_ratio))
 
 

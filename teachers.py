@@ -22,7 +22,16 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from teacher_mmdit import PRESETS, Flux, FluxConfig, MMDiT, MMDiTConfig
-from weights import Checkpoint, CheckpointError, build_meta, describe, find_component, load_state
+from weights import (
+    Checkpoint,
+    CheckpointError,
+    build_meta,
+    check_agrees,
+    component_config,
+    describe,
+    find_component,
+    load_state,
+)
 
 # ----------------------------------------------------------------------------- LoRA
 LORA_TARGETS = ("attn.qkv", "attn.proj", "attn2.qkv", "attn2.proj", "mlp.fc1", "mlp.fc2",  # SD3
@@ -244,8 +253,9 @@ _PROBES = {
 def detect_teacher(shapes: dict) -> Detected | None:
     """Family, layout and config of a teacher from its key -> shape dict alone (no tensor read); None if the keys
     are not an SD3/SD3.5/FLUX.1 transformer. SD3: depth = number of joint blocks (= hidden / 64 in real models),
-    heads = depth, qk-norm from ln_q keys, MMDiT-X blocks from attn2 keys. FLUX: head_dim from the qk-norm scale,
-    rotary axes in BFL's proportions (1/8, 7/16, 7/16) of head_dim."""
+    qk-norm from ln_q keys and head_dim from their size, else heads = depth (the MMDiT rule); MMDiT-X blocks from
+    attn2 keys. FLUX: head_dim from the qk-norm scale, rotary axes in BFL's proportions (1/8, 7/16, 7/16) of head_dim.
+    A diffusers folder's config.json then has the last word (`with_config_json`)."""
     prefix = "model.diffusion_model." if any(k.startswith("model.diffusion_model.") for k in shapes) else ""
     s = {k[len(prefix):]: tuple(v) for k, v in shapes.items() if k.startswith(prefix)}
     for family, probes in _PROBES.items():
@@ -257,8 +267,10 @@ def detect_teacher(shapes: dict) -> Detected | None:
         key = {name: names[dif] for name, names in probes.items()}
         if family == "sd3":
             depth, (hidden, cin) = _count(s, key["blocks"]), s[key["patch"]][:2]
+            head_dim = s[key["qk"]][0] if key["qk"] in s else hidden // depth  # qk-norm weights are per head
             cfg = MMDiTConfig(
-                depth=depth, head_dim=hidden // depth, in_channels=cin, context_dim=s[key["context"]][1],
+                depth=depth, head_dim=head_dim, n_heads=None if hidden == depth * head_dim else hidden // head_dim,
+                in_channels=cin, context_dim=s[key["context"]][1],
                 pooled_dim=s[key["pooled"]][1], mlp_ratio=s[key["fc1"]][0] / hidden,
                 pos_embed_max_size=math.isqrt(s[key["pos"]][1]), qk_norm=key["qk"] in s,
                 attn2_blocks=tuple(i for i in range(depth) if key["attn2"].format(i) in s))
@@ -273,6 +285,37 @@ def detect_teacher(shapes: dict) -> Detected | None:
     return None
 
 
+def with_config_json(cfg, meta: dict, source):
+    """A diffusers folder's config.json (SD3Transformer2DModel / FluxTransformer2DModel) gives what shapes cannot
+    show: SD3's head count and width without qk-norm, FLUX's rotary axes. What the shapes show must agree with it;
+    CheckpointError (one line) otherwise."""
+    if not meta:
+        return cfg
+    heads, head_dim = meta.get("num_attention_heads"), meta.get("attention_head_dim")
+    if isinstance(cfg, MMDiTConfig):
+        check_agrees(source, meta, {
+            "num_layers": cfg.depth, "in_channels": cfg.in_channels, "out_channels": cfg.in_channels,
+            "patch_size": cfg.patch_size, "joint_attention_dim": cfg.context_dim, "pooled_projection_dim":
+            cfg.pooled_dim, "caption_projection_dim": cfg.hidden, "pos_embed_max_size": cfg.pos_embed_max_size,
+            "dual_attention_layers": list(cfg.attn2_blocks), "qk_norm": "rms_norm" if cfg.qk_norm else None}
+            | ({"attention_head_dim": cfg.head_dim} if cfg.qk_norm else {}))
+        heads, head_dim = heads or cfg.heads, head_dim or cfg.head_dim
+        if heads * head_dim != cfg.hidden:
+            raise CheckpointError(f"{source}: config.json: {heads} heads x {head_dim} != the weights' width "
+                                  f"{cfg.hidden}")
+        return _name(replace(cfg, head_dim=head_dim, n_heads=None if heads == cfg.depth else heads))
+    check_agrees(source, meta, {
+        "num_layers": cfg.depth, "num_single_layers": cfg.depth_single, "in_channels": cfg.in_channels,
+        "out_channels": cfg.in_channels, "patch_size": 1, "joint_attention_dim": cfg.context_dim,
+        "pooled_projection_dim": cfg.pooled_dim, "guidance_embeds": cfg.guidance_embed,
+        "num_attention_heads": cfg.heads, "attention_head_dim": cfg.hidden // cfg.heads})
+    axes = tuple(meta.get("axes_dims_rope") or cfg.axes_dim)
+    if sum(axes) != cfg.hidden // cfg.heads or any(a % 2 for a in axes):
+        raise CheckpointError(f"{source}: config.json: axes_dims_rope {list(axes)} must be even and sum to the head "
+                              f"width {cfg.hidden // cfg.heads}")
+    return _name(replace(cfg, axes_dim=axes))
+
+
 def load_teacher(path, dtype=None, device=None) -> MMDiT | Flux:
     """Load any SD3 / SD3.5 / FLUX.1 transformer checkpoint (see the module docstring), frozen and in eval mode;
     `teacher.variant` names the detected preset. Tensors are converted to `dtype` (default fp32) one at a time."""
@@ -280,6 +323,12 @@ def load_teacher(path, dtype=None, device=None) -> MMDiT | Flux:
     found = detect_teacher({k: ckpt.shape(k) for k in ckpt.keys()})
     if found is None:
         raise CheckpointError(f"{ckpt.path}: not an SD3/FLUX.1 transformer; it looks like {describe(ckpt.keys())}")
+    if found.diffusers:
+        found = replace(found, cfg=with_config_json(found.cfg, component_config(ckpt.path), ckpt.path))
+    if isinstance(found.cfg, FluxConfig) and any(a % 2 for a in found.cfg.axes_dim):
+        raise CheckpointError(f"{ckpt.path}: FLUX head width {found.cfg.hidden // found.cfg.heads}: BFL's rotary "
+                              f"proportions give odd axes {found.cfg.axes_dim}; load it as a diffusers folder whose "
+                              "config.json gives axes_dims_rope")
     model = build_meta(MMDiT if isinstance(found.cfg, MMDiTConfig) else Flux, found.cfg)
     dtype = dtype or torch.float32
     if found.diffusers:

@@ -18,9 +18,12 @@ Beside it, the plumbing of a data-parallel loop that the checkpoint's guarantees
 from one checkpointed generator, for the global batch, then this rank's slice), `check_finite` (the NaN guard, before
 any update) and `all_reduce_grads` (modules used twice a step, so not DDP-wrapped).
 """
+import hashlib
 import json
 import os
 import random
+import struct
+import sys
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -28,11 +31,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 import bridge as BR
-from weights import Checkpoint, save_atomic
+from weights import Checkpoint, CheckpointError, save_atomic
 
 FORMAT = "cross-space-distill/1"
 
@@ -71,10 +73,22 @@ def save_state(path, step: int, config: dict, parts: dict, optimizers: dict, gen
         save_atomic(tensors, path, meta)
 
 
+def _metadata(path) -> dict:
+    """A checkpoint's metadata, or StateError: a file that can't be read, or is not one of this format, is reported
+    and left as it is (never replaced)."""
+    hint = "it is left as it is: delete it, or choose another --out, to start over"
+    try:
+        meta = Checkpoint(path).metadata
+    except CheckpointError as e:
+        raise StateError(f"{e}; {hint}") from None
+    if meta.get("format") != FORMAT:
+        raise StateError(f"{path}: not a distill.py checkpoint (its metadata has no format {FORMAT!r}); {hint}")
+    return meta
+
+
 def read_config(path) -> dict:
     """The config a checkpoint was written with (metadata only: no tensor is read)."""
-    with safe_open(str(path), "pt") as f:
-        return json.loads((f.metadata() or {}).get("config", "{}"))
+    return json.loads(_metadata(path).get("config", "{}"))
 
 
 def check_config(path, config: dict) -> None:
@@ -101,8 +115,7 @@ class TrainState:
 
 
 def read_state(path) -> TrainState:
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
+    meta = _metadata(path)
     return TrainState(int(meta["step"]), json.loads(meta.get("config", "{}")), load_file(str(path)), meta)
 
 
@@ -204,14 +217,58 @@ def init_processes(device: str, fsdp: bool = False) -> tuple[int, int, torch.dev
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), dev
 
 
-def check_writable(folder: Path, rank: int = 0) -> None:
-    """Create the run folder and write a probe file there (per rank), before minutes of loading: StateError if not."""
+def prepare_folder(folder: Path, rank: int = 0) -> None:
+    """Create the run folder and write a probe file there (per rank), before minutes of loading: StateError if not.
+    Rank 0 removes the temp files that an interrupted save left (weights.write_atomic's NAME.*.tmp)."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f".probe{rank}").write_text("")
         (folder / f".probe{rank}").unlink()
+        for pattern in ("*.safetensors.*.tmp", "grid_*.png.*.tmp") if rank == 0 else ():
+            for orphan in folder.glob(pattern):
+                orphan.unlink(missing_ok=True)
     except OSError as e:
         raise StateError(f"--out {folder}: cannot write there ({e.strerror or e})") from None
+
+
+def portable(value, folder: Path):
+    """A setting as a resumed run compares it: a path inside the run folder relative to it ("OUT/..."), an existing
+    file or folder outside it by name and content (size, and a hash of its safetensors header or of its text), so
+    that a run folder moved or copied as a whole resumes; anything else as it is."""
+    if not isinstance(value, str) or ("/" not in value and not Path(value).exists()):
+        return value
+    path = Path(value).resolve()
+    if path.is_relative_to(folder.resolve()):  # (a preset's files may not be written yet)
+        return "OUT/" + path.relative_to(folder.resolve()).as_posix()
+    if not path.exists():
+        return value
+    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+    h = hashlib.sha256()
+    for f in files[:64]:
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            n = struct.unpack("<Q", head)[0] if f.suffix == ".safetensors" and len(head) == 8 else 1 << 20
+            h.update(f.name.encode() + str(f.stat().st_size).encode() + head + fh.read(min(n, 1 << 24)))
+    return f"{path.name} (content {h.hexdigest()[:16]})"
+
+
+def one_line_errors(*kinds, checkpoint=lambda: None) -> None:
+    """Uncaught errors of `kinds` (and StateError) print one `error:` line; Ctrl-C prints where the last checkpoint
+    (`checkpoint()`, a path) is and the command that continues from it; anything else the usual traceback."""
+    def hook(kind, e, tb):
+        if issubclass(kind, KeyboardInterrupt):
+            path = checkpoint()
+            if path is None or not Path(path).is_file():
+                print("interrupted before the first checkpoint: nothing to resume", file=sys.stderr)
+            else:
+                again = ["python"] + sys.argv + ([] if "--resume" in sys.argv else ["--resume"])
+                print(f"interrupted: {path} keeps step {Checkpoint(path).metadata.get('step')}; continue with: "
+                      + " ".join(again), file=sys.stderr)
+        elif issubclass(kind, (StateError, *kinds)):
+            print(f"error: {e}", file=sys.stderr)
+        else:
+            sys.__excepthook__(kind, e, tb)
+    sys.excepthook = hook
 
 
 def timing(t_it: float, device) -> dict:

@@ -18,7 +18,16 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from weights import Checkpoint, CheckpointError, build_meta, describe, find_component, load_state
+from weights import (
+    Checkpoint,
+    CheckpointError,
+    build_meta,
+    check_agrees,
+    component_config,
+    describe,
+    find_component,
+    load_state,
+)
 
 
 @dataclass(frozen=True)
@@ -337,6 +346,40 @@ def _config_diffusers(s: dict) -> UNetConfig:
         transformer_depth=_count(s, a))
 
 
+def _config_json(cfg: UNetConfig, meta: dict, source) -> UNetConfig:
+    """A diffusers folder's config.json gives what shapes cannot show, the head count and the norm groups; what the
+    shapes show must agree with it, and settings SD 1.5's structure doesn't have are refused (CheckpointError).
+    diffusers' UNet2DConditionModel reads `attention_head_dim` as the head COUNT when `num_attention_heads` is unset
+    (its SD 1.x naming)."""
+    if not meta:
+        return cfg
+    per_block = ("transformer_layers_per_block", "attention_head_dim", "num_attention_heads", "cross_attention_dim")
+    meta = meta | {k: meta[k][0] for k in per_block  # per-block lists whose values are all equal: one value
+                   if isinstance(meta.get(k), (list, tuple)) and len(set(meta[k])) == 1}
+    levels = range(len(cfg.channel_mult))
+    check_agrees(source, meta, {
+        "in_channels": cfg.in_channels, "out_channels": cfg.out_channels, "layers_per_block": cfg.num_res_blocks,
+        "block_out_channels": [cfg.model_channels * m for m in cfg.channel_mult],
+        "cross_attention_dim": cfg.context_dim, "transformer_layers_per_block": cfg.transformer_depth,
+        "down_block_types": ["CrossAttnDownBlock2D" if i in cfg.attention_levels else "DownBlock2D" for i in levels]})
+    unsupported = {k: meta[k] for k, want in (("use_linear_projection", False), ("act_fn", "silu"),
+                                              ("norm_eps", 1e-5), ("class_embed_type", None),
+                                              ("addition_embed_type", None), ("time_cond_proj_dim", None),
+                                              ("only_cross_attention", False), ("flip_sin_to_cos", True),
+                                              ("freq_shift", 0), ("resnet_time_scale_shift", "default"),
+                                              ("dual_cross_attention", False)) if k in meta and meta[k] != want}
+    heads = meta.get("num_attention_heads") or meta.get("attention_head_dim") or cfg.num_heads
+    groups = meta.get("norm_num_groups") or cfg.norm_groups
+    if unsupported or not isinstance(heads, int) or not isinstance(groups, int):
+        raise CheckpointError(f"{source}: config.json sets what SD 1.5's UNet does not have: "
+                              f"{unsupported or {'heads': heads, 'norm_num_groups': groups}}")
+    channels = [cfg.model_channels * m for m in cfg.channel_mult]
+    if any(c % groups for c in channels) or any(channels[i] % heads for i in cfg.attention_levels):
+        raise CheckpointError(f"{source}: config.json: {heads} heads / {groups} norm groups do not divide the "
+                              f"channels {channels}")
+    return replace(cfg, num_heads=heads, norm_groups=groups)
+
+
 def load_unet(path, dtype=None, device=None) -> UNet:
     """An SD 1.5 UNet from a single file (`model.diffusion_model.*`; VAE/CLIP keys and DDPM buffers ignored), a
     bare original-layout file, a diffusers `unet/` folder or a diffusers pipeline root. dtype None = float32."""
@@ -361,6 +404,7 @@ def load_unet(path, dtype=None, device=None) -> UNet:
         raise CheckpointError(f"{path}: cannot read the UNet config off the shapes ({type(e).__name__}: {e})") from None
     rename = None
     if diffusers:
+        cfg = _config_json(cfg, component_config(path), path)
         inverse = {d: o for o, d in unet_key_map(cfg).items()}
         rename = lambda k: inverse.get(k, k)  # unknown keys kept, so load_state lists them as unexpected
     model = build_meta(UNet, cfg)

@@ -14,6 +14,7 @@ BFL flux `src/flux/modules/autoencoder.py`, diffusers `models/autoencoders/vae.p
 """
 import json
 import math
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from PIL import Image
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from weights import Checkpoint, CheckpointError, build_meta, describe, find_component, load_state
+from weights import Checkpoint, CheckpointError, build_meta, describe, find_component, load_state, write_atomic
 
 
 @dataclass
@@ -391,8 +392,18 @@ def encode_images(vae: VAE, files: list, res: int, batch: int = 8) -> Tensor:
                       for i in range(0, len(files), batch)])
 
 
+def decode_too_big(batch: int, height: int, width: int, dtype, device) -> str | None:
+    """Why decoding `batch` images of height x width px could not fit in this device's memory (None if it can):
+    at full resolution the SD decoder holds a few (B, 128, H, W) activations, four counted here."""
+    need = 4 * 128 * batch * height * width * torch.finfo(dtype).bits // 8
+    device = torch.device(device)
+    have = torch.cuda.mem_get_info(device)[1] if device.type == "cuda" else \
+        os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return f"decoding needs ~{need / 2**30:.0f} GiB, this {device.type} has {have / 2**30:.0f} GiB" \
+        if need > have else None
+
+
 def save_grid(rows: list, path: Path) -> None:
     """Rows of images (each (n, 3, H, W) in [-1, 1]) -> one PNG, written atomically."""
     img = torch.cat([torch.cat(list(r), dim=-1) for r in rows], dim=-2)  # (3, rows * H, n * W)
-    Image.fromarray(to_uint8(img[None])[0]).save(tmp := path.with_name("." + path.name))
-    tmp.replace(path)
+    write_atomic(path, lambda tmp: Image.fromarray(to_uint8(img[None])[0]).save(tmp, format="PNG"))

@@ -46,6 +46,13 @@ def _read_header(file: Path) -> dict:
         if len(head) < 8:
             raise CheckpointError(f"{file}: not a safetensors file ({size} bytes, too short for a header)")
         n = struct.unpack("<Q", head)[0]
+        pickle = head[:4] == b"PK\x03\x04" or (head[0] == 0x80 and 2 <= head[1] <= 5)  # torch.save's zip, a pickle
+        if (n > size - 8 or n > 100_000_000) and pickle:
+            raise CheckpointError(f"{file}: a PyTorch pickle checkpoint (torch.save's zip or a raw pickle); pickles "
+                                  "are not loaded (unpickling runs code): use the model's .safetensors release, or "
+                                  "convert the file once with torch.load(weights_only=True) and safetensors' save_file")
+        if n > size - 8 and f.read(2) == b'{"':
+            raise CheckpointError(f"{file}: truncated safetensors file ({size} bytes, its header alone needs {n + 8})")
         if n > size - 8 or n > 100_000_000:
             raise CheckpointError(f"{file}: not a safetensors file (header length {n} > file size {size})")
         try:
@@ -152,6 +159,33 @@ def find_component(path, subfolder: str) -> Path:
     return path
 
 
+def component_config(path) -> dict:
+    """The diffusers `config.json` beside a component's weights (a `unet/` or `transformer/` folder); {} if there is
+    none. One that is not a JSON object is a CheckpointError."""
+    path = Path(path)
+    file = (path if path.is_dir() else path.parent) / "config.json"
+    if not file.is_file():
+        return {}
+    try:
+        config = json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: not a JSON config ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{file}: not a JSON object")
+    return config
+
+
+def check_agrees(source, config: dict, found: dict) -> None:
+    """A config.json that contradicts the weights is an error: each field of `found` (what the shapes show) that the
+    config also gives (not null) must be equal, lists and tuples alike."""
+    same = lambda a, b: (list(a) if isinstance(a, (list, tuple)) else a) == (list(b) if isinstance(b, (list, tuple))
+                                                                           else b)
+    bad = [f"{k} {config[k]!r} (the weights: {v!r})" for k, v in found.items()
+           if config.get(k) is not None and not same(config[k], v)]
+    if bad:
+        raise CheckpointError(f"{source}: config.json contradicts the weights: " + "; ".join(bad))
+
+
 def describe(keys) -> str:
     """A guess at what a checkpoint holds, for error messages ('this looks like a FLUX transformer')."""
     keys = list(keys)
@@ -188,18 +222,25 @@ def build_meta(cls, cfg) -> torch.nn.Module:
         return cls(cfg)
 
 
-def save_atomic(tensors: dict, path, metadata: dict | None = None) -> None:
-    """Write a safetensors file atomically: a temp file in the same folder, then rename (never a half file)."""
+def write_atomic(path, write) -> None:
+    """`write(tmp)` fills a temp file NAME.*.tmp in the same folder, which then replaces `path` (never a half file;
+    the temp file is removed if anything fails, Ctrl-C included), with the usual permissions of a new file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        write(tmp)
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions of a new file
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def save_atomic(tensors: dict, path, metadata: dict | None = None) -> None:
+    """Write a safetensors file atomically (write_atomic)."""
+    write_atomic(path, lambda tmp: save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
+                                             metadata=metadata))

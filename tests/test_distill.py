@@ -6,8 +6,10 @@ import json
 import math
 import os
 import runpy
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +116,7 @@ def test_resume_reproduces_the_uninterrupted_run(main_run, tmp_path):
     assert rc == 0, err
     with safe_open(str(out / "checkpoint.safetensors"), "pt") as f:
         assert f.metadata()["step"] == "3"
+    out = out.rename(tmp_path / "moved")  # a run folder moved as a whole resumes (paths in it compared relative to it)
     rc, _, err = run([*FAST, "--steps", "6", "--out", out, "--resume"])
     assert rc == 0, err
     a, b = records(full), records(out)
@@ -297,6 +300,13 @@ def test_bad_input(main_run, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     tiny = main / "tiny"
     before = digest(main / "checkpoint.safetensors")
+    (tmp_path / "latin1.txt").write_bytes("un caf\xe9 rouge\n".encode("latin-1"))
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, tmp_path / "model.ckpt")
+    bad = {"j": (main / "checkpoint.safetensors").read_bytes()[:20000], "k": b"not a checkpoint\n",
+           "l": (tiny / "clip_l.safetensors").read_bytes()}  # cut short; a text file; another file of tensors
+    for d, content in bad.items():
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "checkpoint.safetensors").write_bytes(content)
     cases = {  # name: (arguments, a word the message must hold, run as a real process?)
         "teacher is SD 1.5": (["--student", tiny / "student.safetensors", "--teacher", tiny / "student.safetensors",
                                "--out", tmp_path / "a"], "SD3/FLUX", True),
@@ -313,6 +323,15 @@ def test_bad_input(main_run, tmp_path, capsys):
                                          "student's latent space", False),
         "GAN without real images": ([*FAST, "--gan-weight", "0.01", "--out", tmp_path / "h"], "--real-images", False),
         "GAN block": ([*FAST, "--gan-weight", "0.01", "--gan-block", "2", "--out", tmp_path / "i"], "fraction", False),
+        "prompts not UTF-8": ([*FAST, "--prompts", tmp_path / "latin1.txt", "--out", tmp_path / "m"], "UTF-8", False),
+        "zero steps": ([*FAST, "--steps", "0", "--out", tmp_path / "n"], "--steps", False),
+        "a pickle": (["--student", tmp_path / "model.ckpt", "--teacher", tiny / "teacher.safetensors",
+                      "--out", tmp_path / "o"], "pickle", False),
+        "resume, truncated": ([*FAST, "--out", tmp_path / "j", "--resume"], "truncated", True),
+        "truncated, no --resume": ([*FAST, "--out", tmp_path / "j"], "truncated", False),
+        "resume, a text file": ([*FAST, "--out", tmp_path / "k", "--resume"], "not a safetensors", False),
+        "resume, not a checkpoint": ([*FAST, "--out", tmp_path / "l", "--resume"], "not a distill.py checkpoint",
+                                     False),
     }
     procs = {name: start(args) for name, (args, _, real) in cases.items() if real}
     results = {name: in_process(args, capsys) for name, (args, _, real) in cases.items() if not real}
@@ -321,8 +340,12 @@ def test_bad_input(main_run, tmp_path, capsys):
         assert rc != 0, name
         assert err.strip().startswith("error: ") and "\n" not in err.strip(), (name, err[-2000:])
         assert cases[name][1] in err, (name, err)
-    for d in "abcdefhi":  # nothing written
+    for d in "abcdefhimno":  # nothing written
         assert not (tmp_path / d).exists() or not any((tmp_path / d).iterdir()), d
+    for d, content in bad.items():  # a bad checkpoint is reported, never replaced; the message says how to start over
+        assert [f.name for f in (tmp_path / d).iterdir()] == ["checkpoint.safetensors"], d
+        assert (tmp_path / d / "checkpoint.safetensors").read_bytes() == content, d
+    assert "delete it" in results["resume, truncated"][1]
     assert (tmp_path / "file").read_text() == "x"
     assert digest(main / "checkpoint.safetensors") == before
 
@@ -379,3 +402,24 @@ def test_gradient_checkpointing_changes_nothing(main_run, tmp_path):
         for g, w in zip(got, want, strict=True):
             for k in (k for k in keys if k in w):
                 assert math.isclose(g[k], w[k], rel_tol=1e-4, abs_tol=1e-7), (stage, g["step"], k, g[k], w[k])
+
+
+def test_ctrl_c_says_how_to_resume_and_no_temp_file_stays(main_run, tmp_path):
+    """Ctrl-C (SIGINT) during a run: one line naming the last checkpoint and the command that continues from it.
+    Temp files of an interrupted save (NAME.*.tmp, as weights.write_atomic names them) are removed by the next run."""
+    out = tmp_path / "run"
+    proc = start([*FAST, "--steps", "1000", "--ckpt-every", "1", "--out", out])
+    deadline = time.time() + 240
+    while not (out / "checkpoint.safetensors").is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    rc, _, err = finish(proc)
+    lines = err.strip().splitlines()
+    assert rc != 0 and "Traceback" not in err and lines[-1].startswith("interrupted: "), err[-2000:]
+    assert str(out / "checkpoint.safetensors") in lines[-1] and lines[-1].endswith("--resume"), lines[-1]
+    (out / "checkpoint.safetensors.k2x9.tmp").write_bytes(b"half a save")  # what a kill -9 mid-save leaves
+    (out / "grid_000003.png.q7.tmp").write_bytes(b"half a grid")
+    rc, _, err = run([*FAST, "--steps", "3", "--out", out, "--resume"])
+    assert rc == 0, err[-2000:]
+    assert not list(out.glob("*.tmp")) and (out / "student.safetensors").is_file()

@@ -454,6 +454,9 @@ def test_bad_input_is_one_line(sd15_pipeline, sd3_pipeline, flux_schnell_files, 
     untokenized.parent.mkdir()
     untokenized.write_bytes((REPO / "assets/toy/distilled/student.safetensors").read_bytes())
     schnell = ["--ckpt", str(flux / "flux1-schnell.safetensors"), "--text-encoders", str(flux / "text_encoders")]
+    pickled = tmp_path / "model.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, pickled)
+    (tmp_path / "a_dir").mkdir()
     cases = [  # (name, argv, what the error line must contain)
         ("zero steps", ["--ckpt", str(sd15), "--steps", "0"], "--steps"),
         ("missing", ["--ckpt", str(tmp_path / "nope.safetensors")], "nope.safetensors"),
@@ -471,6 +474,9 @@ def test_bad_input_is_one_line(sd15_pipeline, sd3_pipeline, flux_schnell_files, 
         ("flux with a negative prompt", schnell + ["--negative-prompt", "blurry"], "--negative-prompt"),
         ("unwritable out", ["--ckpt", str(sd15), "--out", str(a_file / "img.png")], "--out"),
         ("toy model without its tokenizer", ["--ckpt", str(untokenized)], "tokenizer.json"),
+        ("a pickle", ["--ckpt", str(pickled)], "pickle"),
+        ("out is a directory", ["--ckpt", str(sd15), "--out", str(tmp_path / "a_dir")], "directory"),
+        ("more pixels than memory", ["--ckpt", str(sd15), "--width", "100000", "--height", "100000"], "GiB"),
         ("no cuda", ["--ckpt", str(sd15), "--device", "cuda"], "--device"),
     ]
     if torch.cuda.is_available():
@@ -482,4 +488,4 @@ def test_bad_input_is_one_line(sd15_pipeline, sd3_pipeline, flux_schnell_files, 
             assert code != 0, name
             assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("error: "), (name, err)
             assert needle in lines[0], (name, lines[0])
-    assert not (a_file / "img.png").exists()
+    assert not (a_file / "img.png").exists() and not any((tmp_path / "a_dir").iterdir())

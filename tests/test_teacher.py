@@ -2,6 +2,8 @@
 diffusers folders and from original-layout files written here with our key map inverted; full-size key/shape
 checks on meta against tests/layouts; attention maps; LoRA; gradient checkpointing; bad input."""
 import json
+import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -267,3 +269,58 @@ def test_bad_input(tmp_path):
     save_atomic({"decoder.conv_in.weight": torch.zeros(4, 16, 3, 3)}, tmp_path / "vae.safetensors")
     with pytest.raises(CheckpointError, match=r"vae\.safetensors.*a VAE"):
         TL.load_teacher(tmp_path / "vae.safetensors")
+
+
+def non_released(kind):
+    """Diffusers transformers at configs no released model has: heads != layers, head width 16, FLUX rotary axes
+    (4, 6, 6)."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+    torch.manual_seed(0)
+    if kind == "flux":
+        return perturb(FluxTransformer2DModel(
+            patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+            axes_dims_rope=(4, 6, 6)))
+    qk = kind == "sd35"  # SD3.5: qk-norm weights show the head width; SD3: only config.json does
+    return perturb(SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=4,
+        joint_attention_dim=4096, caption_projection_dim=64, pooled_projection_dim=2048, out_channels=16,
+        pos_embed_max_size=16, dual_attention_layers=(0,) if qk else (), qk_norm="rms_norm" if qk else None))
+
+
+@pytest.mark.parametrize("kind", ["sd35", "sd3", "flux"])
+@torch.no_grad()
+def test_diffusers_config_json(kind, tmp_path):
+    """A diffusers folder's config.json is honoured: parity at a non-released config, while the same weights read
+    with the released conventions (heads = layers; BFL's rotary proportions) compute something else; a config that
+    contradicts the weights is one error naming the field."""
+    ref = non_released(kind)
+    ref.save_pretrained(tmp_path / "transformer")
+    m = TL.load_teacher(tmp_path / "transformer")
+    assert m.variant.endswith("_custom") and m.cfg.heads == (2 if kind == "flux" else 4)
+    family = "flux" if kind == "flux" else "sd3"
+    x, sigma, context, pooled, guidance = inputs(family, 2, 8, 12)
+    g = guidance if m.takes_guidance else None
+    want = reference(ref, x, sigma, context, pooled, guidance)
+    assert rel_err(m(x, sigma, context, pooled, guidance=g), want) <= 1e-4
+    shapes_only = TL.detect_teacher({k: v.shape for k, v in TL.to_diffusers(m.state_dict(), m.cfg).items()}).cfg
+    if kind != "sd35":  # SD3 without qk-norm, FLUX's rotary axes: the shapes alone cannot tell
+        assert shapes_only != m.cfg
+        if kind == "flux":  # BFL's proportions of width 16 are odd (2, 7, 7): any other valid split
+            shapes_only = replace(shapes_only, axes_dim=(8, 4, 4))
+        other = build_meta(type(m), shapes_only)
+        other.load_state_dict(m.state_dict(), assign=True)
+        assert rel_err(other(x, sigma, context, pooled, guidance=g), want) > 1e-2
+    if kind == "flux":  # a single file of it: the rotary axes can't be inferred, and it says so
+        save_atomic(TL.from_diffusers(dict(ref.state_dict()), m.cfg), tmp_path / "flux.safetensors")
+        with pytest.raises(CheckpointError, match="odd axes"):
+            TL.load_teacher(tmp_path / "flux.safetensors")
+    file = tmp_path / "transformer" / "config.json"
+    config = json.loads(file.read_text())
+    changes = [({"num_layers": 3}, "num_layers 3 (the weights: 2)" if kind != "flux" else "num_layers 3"),
+               ({"num_attention_heads": 3}, "num_attention_heads" if kind == "flux" else "heads x")]
+    changes += [({"axes_dims_rope": [4, 4, 4]}, "axes_dims_rope")] if kind == "flux" else []
+    for change, says in changes:
+        file.write_text(json.dumps(config | change))
+        with pytest.raises(CheckpointError, match=re.escape(says)):
+            TL.load_teacher(tmp_path / "transformer")

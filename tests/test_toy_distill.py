@@ -10,6 +10,7 @@ little in 60 iterations to tell a gain from noise (toy/LOG.md#the-method-transfe
 Stage 1 is not repeated here: the runs start from the toy preset's trained projector (assets/toy/distilled/
 bridge.safetensors, what `python distill.py` wrote) and share one text cache, so the three runs cost only stage 2."""
 import json
+import os
 import runpy
 import sys
 from pathlib import Path
@@ -74,10 +75,16 @@ def base():
 
 
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory):
-    """The training prompts and their text cache, built once (by a zero-step run)."""
+def one_step_run(tmp_path_factory):
+    """A one-step toy run: its training prompts and text cache serve the runs below; its export is checked."""
     out = tmp_path_factory.mktemp("shared")
-    distill(out, "--bridge", PROJECTOR, "--steps", "0", "--eval", "0")
+    distill(out, "--bridge", PROJECTOR, "--steps", "1", "--eval", "0")
+    return out
+
+
+@pytest.fixture(scope="module")
+def shared(one_step_run):
+    out = one_step_run
     return ["--bridge", PROJECTOR, "--prompts", out / "prompts.txt", "--text-cache", out / "text_cache.safetensors"]
 
 
@@ -102,3 +109,36 @@ def test_distillation_gain(method, base, shared, tmp_path, monkeypatch):
         assert gain >= MARGIN, (base, after)
     else:
         assert gain < MARGIN, (base, after)
+
+
+def test_export_samples_like_the_run(one_step_run, tmp_path):
+    """export.py on the run's checkpoint: the single file and the diffusers unet/ carry the one-step timestep (the toy
+    preset's 800) and resolution (64 px), the student's own tokenizer.json comes along, and sample.py draws the same
+    pixels from the export as from the run's student.safetensors; the PNG records the timestep. Usual permissions;
+    no temp file stays."""
+    from PIL import Image
+
+    import export
+    import sample
+    from weights import Checkpoint
+    run = one_step_run
+    assert export.main(["--student", str(run / "checkpoint.safetensors"), "--out", str(tmp_path / "x")]) == 0
+    meta = Checkpoint(tmp_path / "x" / "student.safetensors").metadata
+    assert (meta["timestep"], meta["resolution"], meta["distilled"]) == ("800", "64", "1")
+    assert Checkpoint(tmp_path / "x" / "unet").metadata["timestep"] == "800"
+    assert json.loads((tmp_path / "x" / "unet" / "config.json").read_text())["sample_size"] == 8
+    assert (tmp_path / "x" / "tokenizer.json").read_bytes() == (run / "tokenizer.json").read_bytes()
+    (tmp_path / "run.png.x1y2.tmp").write_bytes(b"what a killed write leaves")  # removed by the next write
+    pixels = {}
+    for name, ckpt in (("run", run / "student.safetensors"), ("export", tmp_path / "x" / "student.safetensors")):
+        png = tmp_path / f"{name}.png"
+        assert sample.main(["--ckpt", str(ckpt), "--prompt", "a large red circle on a blue background, center",
+                            "--seed", "3", "--out", str(png), "--quiet"]) == 0
+        image = Image.open(png)
+        assert json.loads(image.info["parameters"])["timestep"] == 800 and image.size == (64, 64)
+        pixels[name] = np.asarray(image)
+    assert np.array_equal(pixels["run"], pixels["export"]) and not list(tmp_path.glob("*.tmp"))
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in (tmp_path / "run.png", tmp_path / "x" / "unet" / "config.json", tmp_path / "x" / "student.safetensors"):
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f

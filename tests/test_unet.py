@@ -2,6 +2,7 @@
 pipeline root and an original single file; full-size keys/shapes against the public layouts; config read off shapes;
 bad input; gradient checkpointing; bf16."""
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -205,3 +206,39 @@ def test_bf16():
     for out in (auto, bf16):
         assert torch.isfinite(out).all()
         assert rel_err(out, ref32) < 5e-2, rel_err(out, ref32)
+
+
+def test_diffusers_config_json(tmp_path):
+    """A diffusers folder at a non-released config, 4 attention heads and 16 norm groups (nothing the shapes show),
+    loads as diffusers computes it; the same weights read with SD 1.5's heads and groups compute something else.
+    A config.json that contradicts the weights, or sets what SD 1.5's UNet lacks, is one error naming the field."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    model = perturb(UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64, 64, 64),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        attention_head_dim=4, cross_attention_dim=32, norm_num_groups=16)).eval()
+    model.save_pretrained(tmp_path / "unet", safe_serialization=True)
+    g = torch.Generator().manual_seed(3)
+    x, ctx, t = torch.randn(2, 4, 16, 8, generator=g), torch.randn(2, 77, 32, generator=g), torch.tensor([999, 40])
+    ours = load_unet(tmp_path / "unet")
+    assert (ours.cfg.num_heads, ours.cfg.norm_groups) == (4, 16)
+    with torch.no_grad():
+        want = model(x, t, encoder_hidden_states=ctx).sample
+        assert rel_err(ours(x, t, ctx), want) <= 1e-4
+        released = replace(ours.cfg, num_heads=8, norm_groups=32)  # what the shapes alone would say
+        other = build_meta(UNet, released)
+        other.load_state_dict(ours.state_dict(), assign=True)
+        assert rel_err(other(x, t, ctx), want) > 1e-2
+    file = tmp_path / "unet" / "config.json"
+    config = json.loads(file.read_text())
+    for change, says in [({"layers_per_block": 2}, "layers_per_block 2 (the weights: 1)"),
+                         ({"cross_attention_dim": 768}, "cross_attention_dim"),
+                         ({"use_linear_projection": True}, "does not have"),
+                         ({"attention_head_dim": 5}, "do not divide"),
+                         ({"norm_num_groups": [16, 16]}, "does not have")]:
+        file.write_text(json.dumps(config | change))
+        with pytest.raises(CheckpointError, match=re.escape(says)):
+            load_unet(tmp_path / "unet")

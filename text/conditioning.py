@@ -256,7 +256,10 @@ def read_prompts(path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: prompt file not found")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: not UTF-8 text (byte {e.start}); prompts are UTF-8, one per line") from None
     if not prompts:
         raise CheckpointError(f"{path}: prompt file holds no prompts")
     return prompts

@@ -2,7 +2,8 @@
 world's prompts, its judge) and `tiny` (random tiny models in the real single-file layouts, for the tests).
 
     defaults(preset, real)       the preset's settings
-    prepare(args, out, master)   the preset's model paths into `args`; rank 0 writes what is missing (prompts, models)
+    prepare(args, out)           the preset's model paths into `args`
+    build(args, out)             rank 0 writes what the preset lacks (the tiny models, the prompts)
     Judge(n, student, ...)       the toy world's judge on n fixed prompts and noises: distill.py --eval
     real_renders(prompts, res)   DMD2's GAN term on the toy preset: a fresh render of every training prompt
 """
@@ -49,28 +50,33 @@ def defaults(preset: str | None, real: dict) -> dict:
         dmd_shift=1.0)
 
 
-def prepare(args, out: Path, master: bool) -> None:
-    """Point `args` at the preset's models and prompts; on rank 0, write the preset's files that are missing.
-    tiny: random models (fixed seeds, SD 1.5 / SD3.5-Medium structure) saved as real single files, loaded back by
-    distill.py as real checkpoints would be. toy: the committed models; `--teacher` may replace the toy teacher (the
-    same-space reference of the toy table) if it shares its text encoders."""
+def prepare(args, out: Path) -> None:
+    """Point `args` at the preset's models and prompts (written by `build`). tiny: random models (fixed seeds, SD 1.5
+    / SD3.5-Medium structure) saved as real single files, loaded back by distill.py as real checkpoints would be.
+    toy: the committed models; `--teacher` may replace the toy teacher (the same-space reference of the toy table)
+    if it shares its text encoders. Each tokenizer.json beside the models is found by find_clip_tokenizer."""
     if args.preset == "tiny":
         tiny = out / "tiny"
         args.student, args.teacher = str(tiny / "student.safetensors"), str(tiny / "teacher.safetensors")
         args.text_encoders, args.no_t5 = args.text_encoders or str(tiny), True
         args.prompts = args.prompts or str(tiny / "prompts.txt")
-        if master and not (tiny / "prompts.txt").exists():
-            _build_tiny(tiny)
-    elif args.preset == "toy":  # each tokenizer.json beside the models is found by find_clip_tokenizer
+    elif args.preset == "toy":
         args.student = str(TOY / "student" / "toy_sd15.safetensors")
         args.teacher = args.teacher or str(TOY / "teacher" / "toy_sd35.safetensors")
         args.text_encoders = args.text_encoders or str(TOY / "teacher" / "text_encoders")
         args.prompts = args.prompts or str(out / "prompts.txt")
         if not Path(args.student).is_file():
             raise CheckpointError(f"--preset toy: no toy models in {TOY}; train them first with `python -m toy.train`")
-        if master and not Path(args.prompts).exists():  # captions of random toy scenes (seed 0; the judge's: 777)
-            rng = np.random.default_rng(0)
-            Path(args.prompts).write_text("\n".join(world.caption(s, rng) for s in world.sample_scenes(1000, 0)) + "\n")
+
+
+def build(args, out: Path) -> None:
+    """Write the preset's files that are missing (rank 0): the tiny models and prompts; the toy's training prompts,
+    captions of random toy scenes (seed 0; the judge's are drawn with seed 777)."""
+    if args.preset == "tiny" and not (out / "tiny" / "prompts.txt").exists():
+        _build_tiny(out / "tiny")
+    elif args.preset == "toy" and not Path(args.prompts).exists():
+        rng = np.random.default_rng(0)
+        Path(args.prompts).write_text("\n".join(world.caption(s, rng) for s in world.sample_scenes(1000, 0)) + "\n")
 
 
 def _build_tiny(folder: Path) -> None:
