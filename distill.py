@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 import bridge as BR
+import evaluate as EV
 import teachers as TL
 import text.conditioning as C
 import train_state as TS
@@ -44,7 +45,8 @@ class UsageError(ValueError):
     """Bad input or a stopped run: printed as one `error: ...` line, like the errors of the files it reads."""
 
 
-TS.one_line_errors(UsageError, CheckpointError, GAN.InputError, checkpoint=lambda: globals().get("ckpt_path"))
+TS.one_line_errors(UsageError, CheckpointError, GAN.InputError, EV.UsageError,
+                   checkpoint=lambda: globals().get("ckpt_path"))
 
 
 class Parser(argparse.ArgumentParser):
@@ -129,26 +131,28 @@ g.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, help="defau
 g.add_argument("--fsdp", action="store_true", help="shard the teacher over the processes (torchrun)")
 g.add_argument("--sample-every", type=int)
 g.add_argument("--ckpt-every", type=int)
-g.add_argument("--eval", type=int, help="toy preset: judge the one-step student on N fixed prompts before and after")
+g.add_argument("--eval", type=int, help="score the one-step student on N fixed prompts before, during and after")
+g.add_argument("--eval-metric", help="evaluate.py's: toy (the toy preset's), clip, pickscore, hpsv2 (default clip)")
+g.add_argument("--eval-weights", help="the metric's model (evaluate.py --weights)")
+g.add_argument("--eval-every", type=int, help="iterations between scores (default: --sample-every)")
 args = p.parse_args()
 if args.preset and (args.student or (args.teacher and args.preset != "toy")):
     raise UsageError(f"--preset {args.preset} brings its own models: drop --student / --teacher")
 if not args.preset and bool(args.student) != bool(args.teacher):
     raise UsageError("give both --student and --teacher (or neither, for a preset)")
 args.preset = args.preset or (None if args.student else "toy")
-# CHOICE (bridge_tap): full size keeps the feature tap until a GPU measures the pixel tap's time and memory
-# (bench/README.md); the toy preset reads the decoded image (toy/LOG.md#pixel-tap).
+# CHOICE (bridge_tap): full size keeps the feature tap until a GPU measures the pixel tap (bench/README.md)
 DEFAULTS = {"real": dict(  # None above means "from here"; the toy and tiny presets' in toy/presets.py
     student_res=512, teacher_res=1024, latents=512, held_out=64, bridge_steps=2000, bridge_batch=2, bridge_width=128,
     bridge_depth=2, bridge_tap="features", steps=20000, batch_size=2, lr=1e-5, fake_lr=1e-4, lora_rank=64,
     fake_steps_per_gen=5, cfg=4.5, sigma_range=[0.02, 0.98], ema=0.999, sample_every=500, ckpt_every=500,
-    t5_length=None, eval=0, gen_timestep=999)}
+    t5_length=None, eval=0, eval_metric="clip", gen_timestep=999)}
 for k, v in presets.defaults(args.preset, DEFAULTS["real"]).items():
     setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
-if args.eval and args.preset != "toy":
-    raise UsageError("--eval: the toy world's judge scores the toy preset only")
-if args.grad_ckpt is None:
-    args.grad_ckpt = args.device.startswith("cuda")
+args.eval_every = args.eval_every or args.sample_every
+if args.eval and args.eval_metric == "toy" and args.preset != "toy":
+    raise UsageError("--eval-metric toy: the toy world's judge scores the toy preset only")
+args.grad_ckpt = args.device.startswith("cuda") if args.grad_ckpt is None else args.grad_ckpt
 for k in ("steps", "latents", "held_out", "bridge_batch", "batch_size", "lora_rank", "fake_steps_per_gen",
           "sample_every", "ckpt_every", "bridge_width", "bridge_depth", "sample_steps"):
     if getattr(args, k) < 1:
@@ -160,11 +164,8 @@ if (r := args.teacher_res // args.student_res) < 1 or args.teacher_res % args.st
 if args.held_out >= args.latents:
     raise UsageError(f"--held-out {args.held_out} must be below --latents {args.latents}")
 prompts = C.read_prompts(args.prompts) if args.prompts else None  # bad prompt files fail before anything is written
-if args.images:
-    files = V.image_files(args.images)[:args.latents]
-    if len(files) <= args.held_out:
-        raise UsageError(f"--images {args.images}: {len(files)} images (png/jpg/webp), need more than --held-out "
-                         f"{args.held_out}")
+if args.images and len(files := V.image_files(args.images)[:args.latents]) <= args.held_out:
+    raise UsageError(f"--images {args.images}: {len(files)} images, need more than --held-out {args.held_out}")
 GAN.check_args(args, renders=args.preset == "toy")  # the toy preset renders its real images
 
 # ----------------------------------------------------------------------------- processes, output folder, resume check
@@ -182,7 +183,7 @@ ckpt_path, log_path = out / "checkpoint.safetensors", out / "log.jsonl"
 presets.prepare(args, out)  # a preset's models and prompts (toy/presets.py)
 args.text_cache = args.text_cache or str(out / "text_cache.safetensors")
 RUNTIME = {"steps", "out", "resume", "device", "compile", "grad_ckpt", "fsdp", "sample_every", "ckpt_every",
-           "text_cache", "text_encoders", "t5_tokenizer", "bridge", "eval"}
+           "text_cache", "text_encoders", "t5_tokenizer", "bridge", "eval", "eval_metric", "eval_weights", "eval_every"}
 config = json.loads(json.dumps({k: TS.portable(v, out) for k, v in vars(args).items() if k not in RUNTIME}
                               | {"world": world}))  # paths: relative to the folder, or by name and content
 if args.resume:
@@ -204,8 +205,7 @@ model = U.load_unet(args.student, device=device).train()  # the generator: fp32 
 svae = V.load_vae(args.student, family="sd15", dtype=dt, device=device)
 teacher = TL.load_teacher(args.teacher, dtype=dt, device="cpu" if args.fsdp else device)  # --fsdp: sharded below
 family = "flux" if isinstance(teacher.cfg, FluxConfig) else "sd3"
-# --bridge-kind identity: a teacher in the student's own latent space, so its VAE is the student's
-tvae = svae if args.bridge_kind == "identity" else V.load_vae(
+tvae = svae if args.bridge_kind == "identity" else V.load_vae(  # identity: the teacher shares the student's VAE
     TL.find_teacher_vae(args.teacher, args.teacher_vae), family=family, dtype=dt, device=device)
 cache = C.text_cache(args.text_cache, prompts, args.teacher, args.text_encoders, args.student, family,
                      (teacher.cfg.context_dim, teacher.cfg.pooled_dim, model.cfg.context_dim), args.t5_tokenizer,
@@ -239,8 +239,8 @@ def one_step_images(m, noise, ctx):  # a one-step student's samples, decoded by 
         return svae.decode(U.one_step_x0(m, noise, args.gen_timestep, ctx).to(dt)).float()
 
 
-if args.eval:  # the toy world's judge on fixed prompts and seeds: the one-step student before, during and after
-    judge = presets.Judge(args.eval, args.student, hs, dt, device)
+if args.eval:  # a metric (toy: the judge) on fixed prompts and seeds: the one-step student before, during and after
+    judge = EV.RunEvaluator(args.eval_metric, args.eval_weights, args.eval, args.student, hs, dt, device)
     judge_scores = lambda m: judge(lambda noise, ctx: one_step_images(m, noise, ctx))
     scores = {"base": judge_scores(model)}
 state = TS.read_state(ckpt_path) if args.resume else None
@@ -353,8 +353,8 @@ def real_score(x, sigma, ctx, pooled):  # the frozen teacher (LoRA off): SD3 wit
 
 
 def save_checkpoint(step):  # a collective under FSDP (LoRA and optimizer states are gathered): every rank calls it
-    parts = {"student": model.state_dict(), "projector": to_teacher.state_dict(), "lora": dict(lora)}
-    parts |= gan.state_dicts()
+    parts = {"student": model.state_dict(), "projector": to_teacher.state_dict(), "lora": dict(lora),
+             **gan.state_dicts()}
     TS.save_state(ckpt_path, step, config, parts | ({"ema": ema.state_dict()} if ema is not None else {}), optimizers,
                   {"data": draw.gen}, write=master, metadata={"student": args.student, "teacher": args.teacher})
 
@@ -376,8 +376,7 @@ def save_grid(step):
 
 
 # ----------------------------------------------------------------------------- stage 2: the loop
-B, (lo, hi) = args.batch_size, args.sigma_range
-t0 = time.time()
+B, (lo, hi), t0 = args.batch_size, args.sigma_range, time.time()
 torch.cuda.reset_peak_memory_stats(device) if cuda else None
 for step in (bar := tqdm(range(start, args.steps), desc="stage 2: distill", disable=not master, initial=start,
                          total=args.steps)):
@@ -427,8 +426,8 @@ for step in (bar := tqdm(range(start, args.steps), desc="stage 2: distill", disa
         save_checkpoint(step + 1)
     if master and ((step + 1) % args.sample_every == 0 or step + 1 == args.steps):
         save_grid(step + 1)
-        if args.eval and step + 1 < args.steps:  # the judge's curve (toy preset); the final score is printed below
-            log({"stage": "judge_step", "step": step + 1, "student": judge_scores(model)})
+    if master and args.eval and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:  # the final: below
+        log({"stage": "judge_step", "step": step + 1, "student": judge_scores(model)})  # the score's curve
 
 # ----------------------------------------------------------------------------- export
 if master:

@@ -68,16 +68,16 @@ class LayerNorm(nn.LayerNorm):
 
 
 class CLIPAttention(nn.Module):
-    def __init__(self, cfg: CLIPTextConfig):
+    def __init__(self, cfg: CLIPTextConfig, causal: bool = True):
         super().__init__()
-        self.heads = cfg.heads
+        self.heads, self.causal = cfg.heads, causal
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(cfg.width, cfg.width) for _ in range(4))
 
     def forward(self, x: Tensor) -> Tensor:
         B, T, C = x.shape
         q, k, v = (p(x).view(B, T, self.heads, C // self.heads).transpose(1, 2)  # (B, heads, T, head_dim)
                    for p in (self.q_proj, self.k_proj, self.v_proj))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # CLIP's text tower is causal
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # the text tower is causal, vision not
         return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -94,12 +94,12 @@ class CLIPMLP(nn.Module):
 
 
 class CLIPLayer(nn.Module):
-    """Pre-LN transformer block."""
+    """Pre-LN transformer block (also the vision tower's, metrics/clip.py, there not causal)."""
 
-    def __init__(self, cfg: CLIPTextConfig):
+    def __init__(self, cfg: CLIPTextConfig, causal: bool = True):
         super().__init__()
         self.layer_norm1, self.layer_norm2 = LayerNorm(cfg.width, eps=cfg.eps), LayerNorm(cfg.width, eps=cfg.eps)
-        self.self_attn, self.mlp = CLIPAttention(cfg), CLIPMLP(cfg)
+        self.self_attn, self.mlp = CLIPAttention(cfg, causal), CLIPMLP(cfg)
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.self_attn(self.layer_norm1(x))

@@ -46,8 +46,8 @@ def defaults(preset: str | None, real: dict) -> dict:
     return tiny | dict(
         latents=96, held_out=16, bridge_steps=400, bridge_batch=8, bridge_width=64, bridge_depth=2, bridge_tap="pixels",
         steps=500, batch_size=8, lr=5e-5, fake_lr=1e-3, lora_rank=8, fake_steps_per_gen=2, cfg=4.5, ema=0.99,
-        sample_every=100, ckpt_every=100, t5_length=None, eval=200, gen_timestep=800, sigma_range=[0.4, 0.85],
-        dmd_shift=1.0)
+        sample_every=100, ckpt_every=100, t5_length=None, eval=200, eval_metric="toy", gen_timestep=800,
+        sigma_range=[0.4, 0.85], dmd_shift=1.0)
 
 
 def prepare(args, out: Path) -> None:
