@@ -29,6 +29,7 @@ import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
 import sample
+import teachers as TL
 import unet as U
 import vae as V
 from text.encoders import load_clip
@@ -144,7 +145,7 @@ def sample_folder(ckpt: str, prompts: list[str], folder: Path, seed: int, teache
     of all images one draw from `seed` (as distill.py --eval draws it: the toy judge's numbers are distill.py's).
     A teacher: sample.py itself, image by image (seed + i), its defaults, `teacher_flags` (--text-encoders, --vae)."""
     folder.mkdir(parents=True, exist_ok=True)
-    if sample.detect(ckpt)[0] != "sd15":
+    if TL.detect_model(ckpt)[0] != "sd15":
         for i, p in enumerate(prompts):
             name = folder / f"{i:04d}"
             sample.run(sample.parse_args(["--ckpt", ckpt, "--prompt", p, "--seed", str(seed + i), "--quiet",

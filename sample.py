@@ -45,13 +45,12 @@ from PIL.PngImagePlugin import PngInfo
 
 import teachers as TL
 import vae as V
-from teacher_mmdit import FluxConfig
 from text.conditioning import load_teacher_text
 from text.encoders import load_clip
 from text.tokenizer import find_clip_tokenizer
 from unet import load_unet, sample_one_step, sample_sd15
 from vae import load_vae, to_uint8
-from weights import Checkpoint, CheckpointError, describe, find_component, write_atomic
+from weights import Checkpoint, CheckpointError, find_component, write_atomic
 
 # --ckpt by default: what `python distill.py [--preset toy]` wrote, else the committed distilled toy student
 DISTILLED = ("out/toy/student.safetensors", "out/tiny/student.safetensors",
@@ -68,20 +67,6 @@ class UsageError(ValueError):
 
 
 # ----------------------------------------------------------------------------- checkpoints, images
-
-def detect(path):
-    """("sd15", None) or ("sd3" | "flux", teacher config) for a checkpoint, by its keys and shapes."""
-    for sub in ("unet", "transformer"):  # a diffusers pipeline root: look at its denoiser
-        path = find_component(path, sub)
-    ckpt = Checkpoint(path)
-    keys = ckpt.keys()
-    if any("input_blocks.0.0." in k or "down_blocks.0.resnets.0.time_emb_proj" in k for k in keys):
-        return "sd15", None
-    found = TL.detect_teacher({k: ckpt.shape(k) for k in keys})
-    if found is None:
-        raise CheckpointError(f"{path}: not an SD 1.5, SD3 or FLUX.1 checkpoint; it looks like {describe(keys)}")
-    return ("flux" if isinstance(found.cfg, FluxConfig) else "sd3"), found.cfg
-
 
 def check_writable(path: Path) -> None:
     """Fail before minutes of loading and sampling if the PNG could not be written."""
@@ -141,6 +126,8 @@ def parse_args(argv=None):
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--dtype", choices=list(DTYPES), help="default: CPU fp32; CUDA fp16 (SD 1.5), bf16 (teachers)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--compile", action="store_true", help="SD 1.5: torch.compile the UNet and the decoder")
+    g.add_argument("--tiny-decoder", help="SD 1.5: TAESD's decoder (taesd_decoder.safetensors) for fast previews")
     return p.parse_args(argv)
 
 
@@ -153,7 +140,7 @@ def run(args) -> list[Path]:
                          None)
         if args.ckpt is None:
             raise UsageError(f"--ckpt: no {DISTILLED[1]} yet; run `python distill.py` first, or name a checkpoint")
-    family, tcfg = detect(args.ckpt)
+    family, tcfg = TL.detect_model(args.ckpt)
     # distill.py marks its students: one step from t = 999 by default, at the resolution they were trained at
     meta = Checkpoint(args.ckpt).metadata if family == "sd15" and Path(args.ckpt).is_file() else {}
     distilled = meta.get("distilled") == "1"
@@ -194,10 +181,11 @@ def run(args) -> list[Path]:
     shape = (args.batch, 4 if family == "sd15" else 16, height // 8, width // 8)
     noise = torch.randn(shape, generator=gen, dtype=dtype).to(device)
     params = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, model=str(args.ckpt), family=family,
-                  seed=args.seed, steps=steps, width=width, height=height)
+                  seed=args.seed, steps=steps, width=width, height=height, decoder=args.tiny_decoder or "vae")
     progress = not args.quiet
     if family == "sd15":
         unet = load_unet(args.ckpt, dtype=dtype, device=device)
+        unet = torch.compile(unet, mode="max-autotune" if device.type == "cuda" else None) if args.compile else unet
         # A pipeline's `tokenizer/`, a tokenizer.json beside a single file (the toy models'), else CLIP's BPE
         clip = load_clip(find_component(args.ckpt, "text_encoder"), dtype=dtype, device=device)
         tok = find_clip_tokenizer(args.ckpt)
@@ -209,7 +197,8 @@ def run(args) -> list[Path]:
             latents = sample_sd15(unet, clip, tok, args.prompt, args.negative_prompt, noise, steps, cfg, progress)
             params.update(sampler="ddim", cfg=cfg)
         del unet, clip
-        vae = load_vae(args.ckpt, family="sd15", dtype=dtype, device=device)
+        vae = V.load_tiny_decoder(args.tiny_decoder, dtype, device) if args.tiny_decoder else \
+            load_vae(args.ckpt, family="sd15", dtype=dtype, device=device)
     else:
         vae_path = TL.find_teacher_vae(args.ckpt, args.vae, args.text_encoders)
         # Text first, then the encoders are dropped: T5-XXL and a 12B transformer need not share the GPU.
@@ -232,7 +221,7 @@ def run(args) -> list[Path]:
         del teacher
         vae = load_vae(vae_path, family=family, dtype=dtype, device=device)
     with torch.no_grad():
-        images = vae.decode(latents.to(dtype))
+        images = (torch.compile(vae.decode) if args.compile else vae.decode)(latents.to(dtype))
     for i, (pixels, path) in enumerate(zip(to_uint8(images), paths, strict=True)):
         save_png(pixels, path, dict(params, index=i) if len(paths) > 1 else params)
     return paths

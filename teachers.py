@@ -316,6 +316,20 @@ def with_config_json(cfg, meta: dict, source):
     return _name(replace(cfg, axes_dim=axes))
 
 
+def detect_model(path) -> tuple:
+    """("sd15", None) or ("sd3" | "flux", teacher config) for any checkpoint (sample.py), by its keys and shapes."""
+    for sub in ("unet", "transformer"):  # a diffusers pipeline root: look at its denoiser
+        path = find_component(path, sub)
+    ckpt = Checkpoint(path)
+    keys = ckpt.keys()
+    if any("input_blocks.0.0." in k or "down_blocks.0.resnets.0.time_emb_proj" in k for k in keys):
+        return "sd15", None
+    found = detect_teacher({k: ckpt.shape(k) for k in keys})
+    if found is None:
+        raise CheckpointError(f"{path}: not an SD 1.5, SD3 or FLUX.1 checkpoint; it looks like {describe(keys)}")
+    return ("flux" if isinstance(found.cfg, FluxConfig) else "sd3"), found.cfg
+
+
 def load_teacher(path, dtype=None, device=None) -> MMDiT | Flux:
     """Load any SD3 / SD3.5 / FLUX.1 transformer checkpoint (see the module docstring), frozen and in eval mode;
     `teacher.variant` names the detected preset. Tensors are converted to `dtype` (default fp32) one at a time."""

@@ -368,6 +368,60 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return (x * 255).round().astype("uint8")
 
 
+# ----------------------------------------------------------------------------- TAESD: a tiny decoder for previews
+class Clamp(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(x / 3) * 3  # TAESD's soft clamp of the latent to (-3, 3)
+
+
+class TinyBlock(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(ch, ch, 3, padding=1), nn.ReLU(), nn.Conv2d(ch, ch, 3, padding=1),
+                                  nn.ReLU(), nn.Conv2d(ch, ch, 3, padding=1))
+        self.skip, self.fuse = nn.Identity(), nn.ReLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fuse(self.conv(x) + self.skip(x))
+
+
+class TinyDecoder(nn.Sequential):
+    """TAESD's decoder (Bohan Ollin Boer Bohan, github.com/madebyollin/taesd; diffusers AutoencoderTiny): the latent as
+    VAE.decode takes it (scaled) -> image (B, 3, 8h, 8w) in [-1, 1], in ~1% of the SD decoder's FLOPs, for previews
+    and latency-bound use. Indices mirror `taesd_decoder.safetensors` ("1.weight", "3.conv.0.weight", ...); diffusers'
+    `decoder.layers.{i}` is index i + 1 (it applies the clamp outside its Sequential)."""
+
+    def __init__(self, latent_channels: int = 4, width: int = 64, blocks: tuple = (3, 3, 3, 1)):
+        layers = [Clamp(), nn.Conv2d(latent_channels, width, 3, padding=1), nn.ReLU()]
+        for i, n in enumerate(blocks):
+            layers += [TinyBlock(width) for _ in range(n)]
+            last = i == len(blocks) - 1
+            layers += [] if last else [nn.Upsample(scale_factor=2)]  # nearest
+            layers.append(nn.Conv2d(width, 3 if last else width, 3, padding=1, bias=last))
+        super().__init__(*layers)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return super().forward(z.to(self[1].weight.dtype)) * 2 - 1  # TAESD decodes to [0, 1]
+
+    decode = forward  # as VAE.decode
+
+
+def load_tiny_decoder(path, dtype=None, device=None) -> TinyDecoder:
+    """TAESD's decoder from `taesd_decoder.safetensors` or a diffusers AutoencoderTiny folder (its encoder skipped)."""
+    ckpt = Checkpoint(find_component(path, "vae"))
+    diffusers = "decoder.layers.0.weight" in ckpt
+    if not diffusers and "1.weight" not in ckpt:
+        raise CheckpointError(f"{ckpt.path}: not TAESD's decoder; it looks like {describe(ckpt.keys())}")
+    shift = lambda k: f"{int(k.split('.')[0]) + 1}.{k.split('.', 1)[1]}"  # diffusers' layers.i = our i + 1
+    state = ckpt.tensors("decoder.layers." if diffusers else "", rename=shift if diffusers else None,
+                         dtype=dtype or torch.float32, device=device or "cpu")
+    if "1.weight" not in state:
+        raise CheckpointError(f"{ckpt.path}: TAESD decoder without its first conv (1.weight)")
+    with torch.device("meta"):
+        model = TinyDecoder(state["1.weight"].shape[1], state["1.weight"].shape[0])
+    return load_state(model, state, ckpt.path).eval()
+
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 

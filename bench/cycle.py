@@ -21,6 +21,7 @@ import math
 import statistics
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -48,7 +49,9 @@ p.add_argument("--steps", type=int, default=20, help="stage-2 iterations")
 p.add_argument("--skip", type=int, default=10, help="iterations left out of the medians (compilation, warm-up)")
 p.add_argument("--bridge-steps", type=int, default=6)
 p.add_argument("--batch-size", type=int, default=2, help="per GPU (distill.py's default: 2)")
-p.add_argument("--peak", type=float, default=989.0, help="the GPU's dense bf16 TFLOP/s (H100 SXM: 989)")
+p.add_argument("--peak", type=float, default=989.0, help="the GPU's dense bf16 TFLOP/s (H100 SXM: 989; "
+               "bench/onestep.py measures it)")
+p.add_argument("--json", help="write the measurements here (bench/results/)")
 args, extra = p.parse_known_args()  # anything else goes to distill.py (e.g. --compile, --lora-rank 16)
 flux = args.teacher == "flux"
 work = Path(args.work) / (args.teacher + ("_tiny" if args.tiny else ""))
@@ -168,3 +171,12 @@ print(f"stage 2, median of iterations {args.skip + 1}..{len(s2)}: generator iter
 tflops = cycle_flops / cycle_sec / 1e12
 print(f"cycle (1 generator + {fsg - 1} fake-only): {cycle_sec:.3f} s = {B / cycle_sec:.2f} student samples/s; "
       f"{tflops:.0f} TFLOP/s achieved = {100 * tflops / args.peak:.0f}% of {args.peak:.0f} (model FLOPs)")
+if args.json:  # what was measured, for bench/results/
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(dict(
+        gpu=name, torch=torch.__version__, commit=commit, date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        teacher=tcfg.variant, batch=B, extra=extra, gen_sec=gen_sec, fake_sec=fake_sec, cycle_sec=cycle_sec,
+        cycle_tflop=cycle_flops / 1e12, achieved_tflops=tflops, peak_tflops=args.peak,
+        distill_cycle_mfu=tflops / args.peak, peak_gib_stage2=max((r.get("peak_gib", 0) for r in s2), default=None)),
+        indent=1) + "\n")

@@ -13,10 +13,12 @@ FLUX.1-dev (19 + 38 blocks, 11.9B), one image at --res px (1024) with the pipeli
 77 + 256 tokens, FLUX-dev: 512).
 """
 import argparse
+import json
 import statistics
 import time
 from contextlib import contextmanager
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -193,6 +195,7 @@ def main():
     p.add_argument("--res", type=int, default=1024, help="teachers: image size in px (a multiple of 16)")
     p.add_argument("--layers", type=int, help="teachers: cut the depth (CPU smoke tests)")
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument("--json", help="write the measurements here (bench/results/)")
     p.add_argument("--ref", action=argparse.BooleanOptionalAction, default=True,
                    help="--no-ref: time ours only (diffusers still builds the weights; saves its compile time)")
     args = p.parse_args()
@@ -203,12 +206,15 @@ def main():
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"{name}, {args.dtype}, batch {args.batch}, median of {args.runs} after {args.warmup} warm-up, "
           f"compile {args.compile}, torch {torch.__version__}")
+    rows = []
     for label, ours, ref, ours_call, ref_call in cases(set(args.what.split(",")), args, device, dtype):
         t_ours, out_ours, mem_ours = measure(ours, ours_call, args, device)
+        rows.append({"module": label, "ours_s": t_ours, "compiled": args.compile})
         mem = f"  peak +{mem_ours:.2f} GiB" if mem_ours is not None else ""
         if args.ref:
             t_ref, out_ref, mem_ref = measure(ref, ref_call, args, device)
             err = ((out_ours - out_ref).abs().max() / out_ref.abs().max()).item()
+            rows[-1] |= {"diffusers_s": t_ref, "diffusers_over_ours": t_ref / t_ours, "max_rel_diff": err}
             mem += f" / +{mem_ref:.2f} GiB" if mem_ref is not None else ""
             print(f"{label:22s} ours {t_ours:8.3f} s  diffusers {t_ref:8.3f} s  ratio {t_ours / t_ref:5.2f}"
                   f"  max rel diff {err:.1e}{mem}", flush=True)
@@ -217,6 +223,10 @@ def main():
         del ours, ref, ours_call, ref_call  # before the next pair is built: two 12B models need not coexist
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"device": name, "dtype": args.dtype, "torch": torch.__version__,
+                                               "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

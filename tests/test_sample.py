@@ -489,3 +489,28 @@ def test_bad_input_is_one_line(sd15_pipeline, sd3_pipeline, flux_schnell_files, 
             assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("error: "), (name, err)
             assert needle in lines[0], (name, lines[0])
     assert not (a_file / "img.png").exists() and not any((tmp_path / "a_dir").iterdir())
+
+
+def test_compile_and_tiny_decoder(sd15_pipeline, tmp_path):
+    """--compile (UNet and decoder through torch.compile) draws what eager draws (to 1/255); --tiny-decoder decodes
+    the same latents with TAESD's decoder: exactly diffusers' AutoencoderTiny on them (random weights here)."""
+    from diffusers import AutoencoderTiny
+
+    import vae as V
+    pipe, root = sd15_pipeline
+    base = ["--ckpt", str(root / "pipeline"), "--prompt", PROMPT, "--quiet", "--device", "cpu", "--steps", "3",
+            "--width", "64", "--height", "64", "--seed", "1"]
+    got = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        assert sample.main(base + ["--out", str(tmp_path / f"{name}.png")] + extra) == 0
+        got[name] = np.asarray(Image.open(tmp_path / f"{name}.png")).astype(int)
+    assert np.abs(got["eager"] - got["compiled"]).max() <= 1
+    torch.manual_seed(0)
+    AutoencoderTiny().eval().save_pretrained(tmp_path / "taesd")
+    assert sample.main(base + ["--out", str(tmp_path / "tiny.png"), "--tiny-decoder", str(tmp_path / "taesd")]) == 0
+    im = Image.open(tmp_path / "tiny.png")
+    assert im.size == (64, 64) and json.loads(im.text["parameters"])["decoder"] == str(tmp_path / "taesd")
+    tiny, ref = V.load_tiny_decoder(tmp_path / "taesd"), AutoencoderTiny.from_pretrained(tmp_path / "taesd").eval()
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * 2
+    with torch.no_grad():
+        assert ((tiny.decode(z) - ref.decode(z).sample).abs().max() / ref.decode(z).sample.abs().max()) <= 1e-4

@@ -208,3 +208,31 @@ def test_not_a_vae(tmp_path, keys, what):
     save_atomic({k: torch.zeros(s) for k, s in keys.items()}, path)
     with pytest.raises(CheckpointError, match=f"model.safetensors: not a VAE.*{what}"):
         load_vae(path)
+
+
+def test_tiny_decoder_matches_autoencoder_tiny(tmp_path):
+    """TAESD's decoder from a diffusers AutoencoderTiny folder and from the original `taesd_decoder.safetensors`
+    layout (index i + 1 of diffusers' decoder.layers.i; written here by that rule): diffusers' decode, exactly."""
+    from diffusers import AutoencoderTiny
+
+    from vae import load_tiny_decoder
+    from weights import save_atomic
+    torch.manual_seed(0)
+    ref = AutoencoderTiny().eval()
+    with torch.no_grad():  # away from the init, so that every layer matters
+        for p in ref.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    ref.save_pretrained(tmp_path / "taesd")
+    original = {f"{int(k.split('.')[2]) + 1}.{k.split('.', 3)[3]}": v for k, v in ref.state_dict().items()
+                if k.startswith("decoder.layers.")}
+    save_atomic(original, tmp_path / "taesd_decoder.safetensors")
+    z = torch.randn(2, 4, 9, 6, generator=torch.Generator().manual_seed(1)) * 3  # odd sizes; beyond the clamp
+    with torch.no_grad():
+        want = ref.decode(z).sample
+        for path in (tmp_path / "taesd", tmp_path / "taesd_decoder.safetensors"):
+            got = load_tiny_decoder(path).decode(z)
+            assert got.shape == want.shape == (2, 3, 72, 48)
+            assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-5, path
+    save_atomic({"decoder.conv_in.weight": torch.zeros(4, 4, 3, 3)}, tmp_path / "other.safetensors")
+    with pytest.raises(CheckpointError, match="not TAESD"):
+        load_tiny_decoder(tmp_path / "other.safetensors")
