@@ -359,10 +359,8 @@ def save_checkpoint(step):  # a collective under FSDP (LoRA and optimizer states
                   {"data": draw.gen}, write=master, metadata={"student": args.student, "teacher": args.teacher})
 
 
-start = TS.restore(state, optimizers, {"data": draw.gen}) if args.resume else 0
-del state
-if args.resume and master and log_path.exists():
-    TS.trim_log(log_path, start)  # lines past the checkpoint (a crash after logging)
+start, state = (TS.restore(state, optimizers, {"data": draw.gen}) if args.resume else 0), None
+TS.trim_log(log_path, start) if args.resume and master and log_path.exists() else None  # lines past the checkpoint
 
 
 @torch.no_grad()
@@ -372,11 +370,11 @@ def save_grid(step):
     noise = torch.randn((n, 4, hs, hs), generator=torch.Generator().manual_seed(1234)).to(device)
     ctx = cache.student_context[:n].to(device)
     rows = [one_step_images(m, noise, ctx) for m in [model] + ([ema] if ema is not None else [])]
-    V.save_grid(rows, out / f"grid_{step:06d}.png")
+    V.save_grid(rows, out / f"grid_{step:06d}.png", cache.prompts[:n])  # each column captioned with its prompt
 
 
 # ----------------------------------------------------------------------------- stage 2: the loop
-B, (lo, hi), t0 = args.batch_size, args.sigma_range, time.time()
+B, (lo, hi), t0, shown = args.batch_size, args.sigma_range, time.time(), {}
 torch.cuda.reset_peak_memory_stats(device) if cuda else None
 for step in (bar := tqdm(range(start, args.steps), desc="stage 2: distill", disable=not master, initial=start,
                          total=args.steps)):
@@ -421,13 +419,15 @@ for step in (bar := tqdm(range(start, args.steps), desc="stage 2: distill", disa
         optimizers[name].step()
         optimizers[name].zero_grad(set_to_none=True)
     log(rec | timing(t_it))
-    bar.set_postfix({k: f"{x:.4f}" for k, x in rec.items() if k.startswith("loss")})
+    shown |= {k: f"{x:.4f}" for k, x in rec.items() if k.startswith("loss")}  # loss_gen: its last update's
+    bar.set_postfix(shown)
     if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps:
         save_checkpoint(step + 1)
     if master and ((step + 1) % args.sample_every == 0 or step + 1 == args.steps):
         save_grid(step + 1)
     if master and args.eval and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:  # the final: below
         log({"stage": "judge_step", "step": step + 1, "student": judge_scores(model)})  # the score's curve
+        bar.unpause()  # the judge's time is not the iterations': the bar's rate and ETA leave it out
 
 # ----------------------------------------------------------------------------- export
 if master:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -457,7 +457,20 @@ def decode_too_big(batch: int, height: int, width: int, dtype, device) -> str | 
         if need > have else None
 
 
-def save_grid(rows: list, path: Path) -> None:
-    """Rows of images (each (n, 3, H, W) in [-1, 1]) -> one PNG, written atomically."""
+def save_grid(rows: list, path: Path, captions: list[str] | None = None, cell: int = 192) -> None:
+    """Rows of images (each (n, 3, H, W) in [-1, 1]) -> one PNG, written atomically; images smaller than `cell`
+    enlarged by nearest neighbour (so that 64 px toy images can be read), each column's caption written beneath."""
     img = torch.cat([torch.cat(list(r), dim=-1) for r in rows], dim=-2)  # (3, rows * H, n * W)
-    write_atomic(path, lambda tmp: Image.fromarray(to_uint8(img[None])[0]).save(tmp, format="PNG"))
+    grid = Image.fromarray(to_uint8(img[None])[0])
+    k = max(1, cell // rows[0].shape[-1])
+    grid = grid.resize((grid.width * k, grid.height * k), Image.NEAREST)
+    if captions:
+        w, text_h = rows[0].shape[-1] * k, 40
+        sheet = Image.new("RGB", (grid.width, grid.height + text_h), "white")
+        sheet.paste(grid, (0, 0))
+        draw, chars = ImageDraw.Draw(sheet), max(8, w // 6)
+        for i, c in enumerate(captions):
+            draw.text((i * w + 2, grid.height + 2), "\n".join(c[j:j + chars] for j in range(0, 3 * chars, chars)),
+                      fill="black")
+        grid = sheet
+    write_atomic(path, lambda tmp: grid.save(tmp, format="PNG"))

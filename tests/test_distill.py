@@ -106,7 +106,8 @@ def test_tiny_loop(main_run):
     assert g["bridge"].vae is g["svae"]
     for name in ("grid_000003.png", "grid_000006.png", "checkpoint.safetensors", "student_ema.safetensors"):
         assert (out / name).is_file(), name
-    assert Image.open(out / "grid_000006.png").size == (4 * 64, 2 * 64)  # 4 prompts; student and EMA rows
+    # 4 prompts; student and EMA rows; 64 px cells enlarged 3x (nearest), a 40 px caption strip beneath
+    assert Image.open(out / "grid_000006.png").size == (4 * 3 * 64, 2 * 3 * 64 + 40)
 
 
 def test_resume_reproduces_the_uninterrupted_run(main_run, tmp_path):
