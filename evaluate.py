@@ -75,12 +75,12 @@ def scorer(metric: str, weights):
     if not weights:
         raise UsageError(f"--metric {metric}: give its model with --weights (see --help)")
     from metrics.clip import load_clip_model
-    clip = load_clip_model(weights)
     open_clip = "visual.conv1.weight" in Checkpoint(weights)
     if (metric == "hpsv2") != open_clip:
         raise UsageError(f"--weights {weights}: --metric {metric} takes " + (
             "HPSv2.1's OpenCLIP weights (converted to safetensors)" if metric == "hpsv2" else
             "a CLIP in transformers' layout (CLIPModel), not an OpenCLIP state dict"))
+    clip = load_clip_model(weights)
     factor = {"clip": 100.0, "pickscore": clip.logit_scale.exp().item(), "hpsv2": 1.0}[metric]
 
     def clip_score(images, prompts, files=None):
@@ -186,38 +186,45 @@ def contact_sheet(folder: Path, results: dict, path: Path, cell: int = 192, n: i
 
 class RunEvaluator:
     """distill.py's evaluation of its one-step student (--eval N, --eval-metric, --eval-weights): the metric on N fixed
-    prompts and noises. toy: the judge's prompts, scored by toy.presets.Judge on the decoded images themselves (the
-    toy table's numbers); any other metric: the first N PartiPrompts, scored on the images as PNGs would hold them."""
+    prompts (toy: the judge's; else the first N PartiPrompts) and fixed noises (seed 0). The toy judge scores the
+    decoded images themselves (the toy table's numbers); the other metrics the images as PNGs would hold them."""
 
     def __init__(self, metric: str, weights, n: int, student: str, latent_hw: int, dtype, device):
-        from toy import presets
-        self.metric = metric
+        from text.conditioning import sd15_context
+        from toy import world
         if metric == "hpsv3":
             raise UsageError("--eval-metric hpsv3: score the exported student with evaluate.py in hpsv3's environment")
-        if metric == "toy":
-            self.judge = presets.Judge(n, student, latent_hw, dtype, device)
-            return
-        from text.conditioning import sd15_context
-        self.score, self.prompts = scorer(metric, weights), read_prompts("parti", n)
+        self.metric, self.prompts = metric, read_prompts("toy" if metric == "toy" else "parti", n)
+        self.judge = (world.load_judge(weights) if weights else world.load_judge()) if metric == "toy" else None
+        self.score = None if metric == "toy" else scorer(metric, weights)
         clip = load_clip(find_component(student, "text_encoder"), dtype=dtype, device=device)
         self.context = sd15_context(clip, find_clip_tokenizer(student), self.prompts)
         self.noise = torch.randn((n, 4, latent_hw, latent_hw), generator=torch.Generator().manual_seed(0)).to(device)
 
     def __call__(self, images) -> dict:
         """images(noise, context) -> (B, 3, H, W) in [-1, 1]: the one-step sampler. Returns the scores (a dict)."""
-        if self.metric == "toy":
-            return self.judge(images)
         x = torch.cat([images(self.noise[i:i + 50], self.context[i:i + 50]).cpu()
                        for i in range(0, len(self.noise), 50)])
+        if self.judge is not None:
+            return self.judge.score(self.prompts, x)
         scores = self.score([Image.fromarray(px) for px in V.to_uint8(x)], self.prompts)
         return {"metric": self.metric, "mean": float(np.mean(scores)), "n": len(scores)}
 
     def report(self, scores: dict, timestep: int) -> None:
-        if self.metric == "toy":
-            return self.judge.report(scores, timestep)
-        print(f"{self.metric}, one step (t = {timestep}) on {len(self.prompts)} PartiPrompts and fixed seeds:")
+        """Print the scores; the toy judge's with the teacher's from assets/toy/scores.json, when it is there."""
+        if self.judge is None:
+            print(f"{self.metric}, one step (t = {timestep}) on {len(self.prompts)} PartiPrompts and fixed seeds:")
+            for name, r in scores.items():
+                print(f"  {name:8s} {r['mean']:.4f}")
+            return
+        from toy import presets, world
+        ref = json.loads((presets.TOY / "scores.json").read_text()) if (presets.TOY / "scores.json").is_file() else {}
+        scores = scores | ({"teacher (28 steps)": ref["teacher_euler28_cfg5"]} if "teacher_euler28_cfg5" in ref else {})
+        print(f"judge, one step (t = {timestep}) on {len(self.prompts)} fixed prompts and seeds (all_correct = the "
+              "toy HPS):")
         for name, r in scores.items():
-            print(f"  {name:8s} {r['mean']:.4f}")
+            print(f"  {name:18s} all_correct {r['all_correct']:.3f} | " + " ".join(
+                f"{k} {r[k]:.2f}" for k in world.ATTRIBUTES) + f" | fd {r['fd']:.2f}")
 
 
 # ----------------------------------------------------------------------------- command line

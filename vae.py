@@ -12,7 +12,6 @@ method's "Bridge" (a spatial prior whose gradients flow through the frozen decod
 References: CompVis latent-diffusion `ldm/modules/diffusionmodules/model.py` (Encoder, Decoder, AttnBlock),
 BFL flux `src/flux/modules/autoencoder.py`, diffusers `models/autoencoders/vae.py` (layout only).
 """
-import json
 import math
 import os
 from dataclasses import dataclass, replace
@@ -25,7 +24,16 @@ from PIL import Image, ImageDraw
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from weights import Checkpoint, CheckpointError, build_meta, describe, find_component, load_state, write_atomic
+from weights import (
+    Checkpoint,
+    CheckpointError,
+    build_meta,
+    component_config,
+    describe,
+    find_component,
+    load_state,
+    write_atomic,
+)
 
 
 @dataclass
@@ -323,10 +331,7 @@ def load_vae(path, family=None, dtype=None, device=None) -> VAE:
     ch_mult = tuple(s[f"encoder.{down}.{i}.{block}.0.conv1.weight"][0] // ch for i in range(n))
     blocks = len({k.split(".")[4] for k in s if k.startswith(f"encoder.{down}.0.{block}.")})
     latent = s["decoder.conv_in.weight"][1]
-    meta = {}
-    config_file = ckpt.path.parent / "config.json"
-    if diffusers and config_file.is_file():
-        meta = json.loads(config_file.read_text())
+    meta = component_config(ckpt.path) if diffusers else {}
     cfg = VAEConfig(ch=ch, ch_mult=ch_mult, num_res_blocks=blocks, latent_channels=latent,
                     norm_groups=meta.get("norm_num_groups", 32), use_quant_conv="quant_conv.weight" in s)
 

@@ -14,7 +14,6 @@ side to 224 with PIL bicubic, centre crop 224, [0, 1], normalised by OpenAI's me
 References: Radford et al. 2021 (CLIP); transformers models/clip/modeling_clip.py and image_processing_clip.py;
 open_clip src/open_clip/transformer.py (layout).
 """
-import json
 import math
 from dataclasses import dataclass, replace
 
@@ -27,7 +26,7 @@ from torch import Tensor
 
 from text.encoders import CLIPLayer, CLIPTextModel, LayerNorm, clip_config
 from text.tokenizer import CLIPTokenizer
-from weights import Checkpoint, CheckpointError, build_meta, describe, load_state
+from weights import Checkpoint, CheckpointError, build_meta, component_config, describe, load_state
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's preprocessing (transformers OPENAI_CLIP_MEAN / STD)
 STD = (0.26862954, 0.26130258, 0.27577711)
@@ -203,8 +202,7 @@ def load_clip_model(path, dtype=None, device=None) -> CLIPModel:
         raise CheckpointError(f"{ckpt.path}: not a CLIP with a vision tower; it looks like {describe(keys)}")
     shapes = {k: torch.empty(ckpt.shape(k), device="meta") for k in keys}  # renamed as the tensors will be
     shapes = {k: tuple(v.shape) for k, v in (from_open_clip(shapes) if open_clip else shapes).items()}
-    config_file = (ckpt.path if ckpt.path.is_dir() else ckpt.path.parent) / "config.json"
-    hf = json.loads(config_file.read_text()) if not open_clip and config_file.is_file() else {}
+    hf = {} if open_clip else component_config(ckpt.path)
     text_cfg = clip_config({k: v for k, v in shapes.items() if k.startswith(("text_model.", "text_projection"))},
                            hf.get("text_config"), ckpt.path)
     text = build_meta(CLIPTextModel, text_cfg)

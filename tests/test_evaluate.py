@@ -180,14 +180,13 @@ def test_bad_input(ref, tmp_path, capsys):
 def test_toy_metric_is_the_judge_of_distill(tmp_path):
     """--metric toy on the committed distilled student's samples of the judge's 200 prompts gives the all_correct
     that distill.py's judge computes for it (same prompts, noises and timestep)."""
-    from toy import presets
     from unet import load_unet, one_step_x0
     from vae import load_vae
     from weights import Checkpoint
     student = ROOT / "assets/toy/distilled/student.safetensors"
     assert evaluate.main(["--ckpt", str(student), "--prompts", "toy", "--n", "200", "--metric", "toy",
                           "--out-dir", str(tmp_path / "s"), "--out", str(tmp_path / "s.json")]) == 0
-    judge = presets.Judge(200, str(student), 8, torch.float32, "cpu")
+    judge = evaluate.RunEvaluator("toy", None, 200, str(student), 8, torch.float32, "cpu")  # distill.py --eval
     unet, vae, t = load_unet(student), load_vae(student, family="sd15"), int(Checkpoint(student).metadata["timestep"])
     with torch.no_grad():
         want = judge(lambda noise, ctx: vae.decode(one_step_x0(unet, noise, t, ctx)))

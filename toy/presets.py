@@ -1,13 +1,12 @@
 """distill.py's two presets, kept out of the method's script: `toy` (the committed toy models of toy/train.py, the toy
-world's prompts, its judge) and `tiny` (random tiny models in the real single-file layouts, for the tests).
+world's prompts; its judge runs through evaluate.RunEvaluator) and `tiny` (random tiny models in the real single-file
+layouts, for the tests).
 
     defaults(preset, real)       the preset's settings
     prepare(args, out)           the preset's model paths into `args`
     build(args, out)             rank 0 writes what the preset lacks (the tiny models, the prompts)
-    Judge(n, student, ...)       the toy world's judge on n fixed prompts and noises: distill.py --eval
     real_renders(prompts, res)   DMD2's GAN term on the toy preset: a fresh render of every training prompt
 """
-import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,14 +14,12 @@ import numpy as np
 import torch
 
 import teacher_mmdit as TM
-import text.conditioning as C
 import text.encoders as TE
 import unet as U
 import vae as V
 from export import export_sd15_single_file
-from text.tokenizer import find_clip_tokenizer
 from toy import world
-from weights import CheckpointError, find_component, save_atomic
+from weights import CheckpointError, save_atomic
 
 TOY = Path(__file__).resolve().parents[1] / "assets" / "toy"  # the committed toy models (toy/train.py, toy/world.py)
 TINY_PROMPTS = ["a red circle on a blue background", "a small green square in the top left corner", "a yellow triangle",
@@ -94,33 +91,6 @@ def _build_tiny(folder: Path) -> None:
     save_atomic(clip_l.state_dict(), folder / "clip_l.safetensors")  # keys text_model.*, as clip_l.safetensors
     save_atomic(clip_g.state_dict(), folder / "clip_g.safetensors")
     (folder / "prompts.txt").write_text("\n".join(TINY_PROMPTS) + "\n")
-
-
-class Judge:
-    """The toy world's judge (its HPS) on n fixed prompts (seed 777: those of assets/toy/scores.json) and fixed
-    noises (seed 0), for a one-step sampler `images(noise, context) -> (B, 3, H, W)` in [-1, 1]."""
-
-    def __init__(self, n: int, student: str, latent_hw: int, dtype, device):
-        self.judge, rng = world.load_judge(), np.random.default_rng(777)
-        self.prompts = [world.caption(s, rng) for s in world.sample_scenes(n, 777)]
-        clip = TE.load_clip(find_component(student, "text_encoder"), dtype=dtype, device=device)
-        self.context = C.sd15_context(clip, find_clip_tokenizer(student), self.prompts)
-        self.noise = torch.randn((n, 4, latent_hw, latent_hw), generator=torch.Generator().manual_seed(0)).to(device)
-
-    def __call__(self, images) -> dict:
-        n = len(self.prompts)
-        return self.judge.score(self.prompts, torch.cat([images(self.noise[i:i + 50], self.context[i:i + 50]).cpu()
-                                                         for i in range(0, n, 50)]))
-
-    def report(self, scores: dict, timestep: int) -> None:
-        """Print the scores (with the teacher's from assets/toy/scores.json, when it is there)."""
-        ref = json.loads((TOY / "scores.json").read_text()) if (TOY / "scores.json").is_file() else {}
-        scores = scores | ({"teacher (28 steps)": ref["teacher_euler28_cfg5"]} if "teacher_euler28_cfg5" in ref else {})
-        print(f"judge, one step (t = {timestep}) on {len(self.prompts)} fixed prompts and seeds (all_correct = the "
-              "toy HPS):")
-        for name, r in scores.items():
-            print(f"  {name:18s} all_correct {r['all_correct']:.3f} | " + " ".join(
-                f"{k} {r[k]:.2f}" for k in world.ATTRIBUTES) + f" | fd {r['fd']:.2f}")
 
 
 def real_renders(prompts: list[str], res: int) -> tuple[torch.Tensor, list]:
