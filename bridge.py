@@ -76,7 +76,7 @@ class Bridge(nn.Module):
         # better than the feature tap's, however long that trains (toy/LOG.md#bridge-gap).
         # Then `depth` pre-norm residual 3x3 blocks for local mixing, GroupNorm-SiLU-3x3 conv out (as the VAE's heads).
         if tap == "features":
-            self.proj_in = nn.Conv2d(feature_channels(student_vae.cfg, scale), width, 1)
+            self.proj_in, self.down = nn.Conv2d(feature_channels(student_vae.cfg, scale), width, 1), nn.ModuleList()
         elif tap == "pixels":
             down = 2 ** (len(student_vae.cfg.ch_mult) - 1) // scale  # student pixels per teacher latent
             if down < 1 or down & (down - 1):
@@ -95,15 +95,21 @@ class Bridge(nn.Module):
         return self._vae[0]
 
     def forward(self, z_s: Tensor) -> Tensor:
+        return self.project(self.decode(z_s))
+
+    def decode(self, z_s: Tensor) -> Tensor:
+        """The frozen part: the decoder's features at the teacher latent's size (B, C_feat, scale*h, scale*w), or the
+        decoded image (B, 3, 8h, 8w), clamped to [-1, 1] so that saturated pixels pass no gradient."""
         z_s = z_s.to(self.vae.decoder.conv_in.weight.dtype)  # a differentiable cast: e.g. fp32 student, bf16 VAE
         if self.tap == "features":
-            feats = self.vae.decode_features(z_s, self.scale)  # (B, C_feat, scale*h, scale*w), frozen decoder
-            h = self.proj_in(feats.to(self.proj_in.weight.dtype))
-        else:
-            img = self.vae.decode(z_s).clamp(-1, 1)  # (B, 3, 8h, 8w): clamped, so saturated pixels pass no gradient
-            h = self.proj_in(img.to(self.proj_in.weight.dtype))
-            for conv in self.down:
-                h = conv(F.silu(h))  # halves the resolution, down to (B, width, scale*h, scale*w)
+            return self.vae.decode_features(z_s, self.scale)
+        return self.vae.decode(z_s).clamp(-1, 1)
+
+    def project(self, tap: Tensor) -> Tensor:
+        """The learned part: decode(z_s) -> z_t_hat (B, 16, scale*h, scale*w)."""
+        h = self.proj_in(tap.to(self.proj_in.weight.dtype))
+        for conv in self.down:  # pixel tap
+            h = conv(F.silu(h))  # halves the resolution, down to (B, width, scale*h, scale*w)
         for block in self.blocks:
             h = block(h)
         return self.proj_out(F.silu(self.norm_out(h)))  # (B, 16, scale*h, scale*w)

@@ -16,7 +16,6 @@ import argparse
 import copy
 import json
 import math
-import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import load_file
+from torch.profiler import record_function as phase  # names the loop's parts for bench/profile.py
 from tqdm import tqdm
 
 import bridge as BR
@@ -38,7 +38,7 @@ from export import export_distilled
 from teacher_mmdit import FluxConfig
 from toy import presets
 from variants import gan as GAN
-from weights import Checkpoint, CheckpointError, load_state, save_atomic
+from weights import ArgumentParser, Checkpoint, CheckpointError, load_state, save_atomic
 
 
 class UsageError(ValueError):
@@ -49,14 +49,8 @@ TS.one_line_errors(UsageError, CheckpointError, GAN.InputError, EV.UsageError,
                    checkpoint=lambda: globals().get("ckpt_path"))
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-
 # ----------------------------------------------------------------------------- arguments (None: from DEFAULTS below)
-p = Parser(description=__doc__.split("\n")[0])
+p = ArgumentParser(description=__doc__.split("\n")[0])
 g = p.add_argument_group("models (give none for a preset)")
 g.add_argument("--preset", choices=["toy", "tiny"], help="toy (the default without models): the committed toy models "
                "and toy-world prompts, judged before and after; tiny: random tiny models (fast, for tests)")
@@ -99,6 +93,8 @@ g.add_argument("--steps", type=int, help="iterations; each trains the fake score
 g.add_argument("--batch-size", type=int, help="per process")
 g.add_argument("--lr", type=float, help="student")
 g.add_argument("--fake-lr", type=float, help="fake score (LoRA)")
+g.add_argument("--warmdown", type=float, help="the student lr falls linearly to 0 over this last fraction of the "
+               "iterations (0: constant, as DMD2; toy: 0.5)")
 g.add_argument("--fake-steps-per-gen", type=int, help="fake-score updates per student update (DMD2: 5)")
 g.add_argument("--lora-rank", type=int)
 # The generator's input is pure noise; its timestep is its conditioning (DMD2: 999). x0 divides the eps error by
@@ -146,7 +142,7 @@ DEFAULTS = {"real": dict(  # None above means "from here"; the toy and tiny pres
     student_res=512, teacher_res=1024, latents=512, held_out=64, bridge_steps=2000, bridge_batch=2, bridge_width=128,
     bridge_depth=2, bridge_tap="features", steps=20000, batch_size=2, lr=1e-5, fake_lr=1e-4, lora_rank=64,
     fake_steps_per_gen=5, cfg=4.5, sigma_range=[0.02, 0.98], ema=0.999, sample_every=500, ckpt_every=500,
-    t5_length=None, eval=0, eval_metric="clip", gen_timestep=999)}
+    t5_length=None, eval=0, eval_metric="clip", gen_timestep=999, warmdown=0.0)}
 for k, v in presets.defaults(args.preset, DEFAULTS["real"]).items():
     setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
 args.eval_every = args.eval_every or args.sample_every
@@ -202,7 +198,7 @@ prompts = prompts or (C.read_prompts(args.prompts) if args.prompts else None)
 
 # ----------------------------------------------------------------------------- models and text
 model = U.load_unet(args.student, device=device).train()  # the generator: fp32 master weights (autocast computes)
-svae = V.load_vae(args.student, family="sd15", dtype=dt, device=device)
+svae = V.load_vae(args.student, family="sd15", dtype=dt, device=device).to(memory_format=torch.channels_last)  # faster
 teacher = TL.load_teacher(args.teacher, dtype=dt, device="cpu" if args.fsdp else device)  # --fsdp: sharded below
 family = "flux" if isinstance(teacher.cfg, FluxConfig) else "sd3"
 tvae = svae if args.bridge_kind == "identity" else V.load_vae(  # identity: the teacher shares the student's VAE
@@ -291,6 +287,10 @@ if not args.resume and not args.bridge and args.bridge_kind in ("bridge", "naive
     data = load_file(str(tfile))
     z_s, z_t, pidx = data["z_s"], data["z_t"], data["prompt_idx"]
     n_train = len(z_s) - args.held_out
+    # the pixel tap's frozen part (the decoded images) once; the feature tap's (32x z_t at full size) at each step
+    if args.bridge_tap == "pixels":
+        with torch.no_grad(), amp():
+            taps = torch.cat([bridge.decode(z_s[i:i + 8].to(device)).cpu() for i in range(0, n_train, 8)])
     opt_b = torch.optim.AdamW(list(bridge.parameters()) + list(naive.parameters()), lr=args.bridge_train_lr)
     draw = TS.Draw(args.seed + 2, args.bridge_batch, device)
     blocks = BR.resolve_blocks(tuple(args.attn_blocks), teacher.cfg.depth)
@@ -303,7 +303,7 @@ if not args.resume and not args.bridge and args.bridge_kind in ("bridge", "naive
         # LoRA stays off through the backward too: with --grad-ckpt the backward recomputes the teacher's blocks
         with TL.lora_enabled(teacher, False):
             with amp():
-                zh = bridge(zs)
+                zh = bridge.project(taps[i].to(device) if args.bridge_tap == "pixels" else bridge.decode(zs))
                 rec = BR.reconstruction_loss(zh, zt)
                 attn = BR.attention_fidelity_loss(teacher, zh, zt, *ctx_of(pidx[i]), sigma, noise, blocks,
                                                   guid(len(i))) if args.attn_weight else torch.zeros((), device=device)
@@ -344,7 +344,7 @@ unc_ctx, unc_pooled = cache.negative_teacher_context.to(device), cache.negative_
 
 
 def real_score(x, sigma, ctx, pooled):  # the frozen teacher (LoRA off): SD3 with CFG, FLUX.1-dev its guidance
-    with TL.lora_enabled(raw_teacher, False):
+    with phase("real score"), TL.lora_enabled(raw_teacher, False):
         if not real_cfg:
             return teacher(x, sigma, ctx, pooled, guid(len(x)))
         v_u, v_c = teacher(torch.cat([x, x]), sigma.repeat(2), torch.cat([unc_ctx.expand_as(ctx), ctx]),
@@ -382,7 +382,7 @@ for step in (bar := tqdm(range(start, args.steps), desc="stage 2: distill", disa
     idx = torch.randint(len(cache.prompts), (draw.global_batch,), generator=draw.gen)
     noise, idx = draw.noise((4, hs, hs)), draw.mine(idx).cpu()
     t_ctx, t_pooled = ctx_of(idx)
-    with torch.set_grad_enabled(gen_step), amp():  # the generator: one step from pure noise
+    with phase("student + bridge"), torch.set_grad_enabled(gen_step), amp():  # the generator: one step
         z_s = U.one_step_x0(model_c, noise, args.gen_timestep, cache.student_context[idx].to(device))  # fp32
         z_t = to_teacher(z_s)  # into teacher space (Bridge: frozen decoder + projector); grads flow back to z_s
     rec = {"step": step + 1, "stage": "distill"}
@@ -391,33 +391,34 @@ for step in (bar := tqdm(range(start, args.steps), desc="stage 2: distill", disa
         x = BR.add_noise(z_t.detach(), draw.noise((ct, ht, ht)), sigma)
         with torch.no_grad(), amp():
             v_real = real_score(x, sigma, t_ctx, t_pooled)
-            v_fake = teacher(x, sigma, t_ctx, t_pooled, guid(B))  # fake score: teacher + LoRA
+            with phase("fake score"):
+                v_fake = teacher(x, sigma, t_ctx, t_pooled, guid(B))  # teacher + LoRA
         loss_g = BR.dmd_generator_loss(z_t, BR.x0_from_v(x, sigma, v_real), BR.x0_from_v(x, sigma, v_fake))
         with amp():
             loss_gan, logs = gan.generator_loss(z_t, t_ctx, t_pooled)  # 0 unless --gan-weight
         rec |= TS.check_finite(step, ckpt_path, loss_gen=loss_g, **logs)
-        (loss_g + loss_gan).backward()
+        with phase("generator backward"):
+            (loss_g + loss_gan).backward()
         for name in fake_side:  # a GAN pass through the fake score leaves grads there: not theirs to learn from
             optimizers[name].zero_grad(set_to_none=True)
-        rec["grad_norm_gen"] = TS.full(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)).item()
-        optimizers["student"].step()
-        optimizers["student"].zero_grad(set_to_none=True)
-        if ema is not None:
-            torch._foreach_lerp_(list(ema.parameters()), [q.detach() for q in model.parameters()], 1 - args.ema)
+        with phase("student optimizer"):  # --warmdown: the lr falls linearly to 0 over the last iterations
+            optimizers["student"].param_groups[0]["lr"] = args.lr * min(1.0, (args.steps - step) / (
+                args.warmdown * args.steps + 1e-9))
+            rec["grad_norm_gen"] = TS.clip_and_step(optimizers["student"], args.grad_clip)
+            if ema is not None:
+                torch._foreach_lerp_(list(ema.parameters()), [q.detach() for q in model.parameters()], 1 - args.ema)
     # the fake score's update: flow matching on the detached samples (LoRA on)
     x0 = z_t.detach().float()
     sigma, n = draw.sigmas(lo, hi, dmd_shift), draw.noise((ct, ht, ht))
-    with amp():
+    with phase("fake update forward"), amp():
         v, loss_critic, logs = gan.fake_score(teacher, x0, BR.add_noise(x0, n, sigma), sigma, t_ctx, t_pooled)
         loss_f = BR.flow_matching_loss(v, x0, n)
     rec |= TS.check_finite(step, ckpt_path, loss_fake=loss_f, **logs)
-    (loss_f + loss_critic).backward()
+    with phase("fake update backward"):
+        (loss_f + loss_critic).backward()
     for name in fake_side:
-        params = [q for group in optimizers[name].param_groups for q in group["params"]]
-        norm = TS.full(torch.nn.utils.clip_grad_norm_(params, args.grad_clip)).item()
-        rec["grad_norm_" + {"lora": "fake"}.get(name, name)] = norm
-        optimizers[name].step()
-        optimizers[name].zero_grad(set_to_none=True)
+        with phase("fake optimizer"):
+            rec["grad_norm_" + {"lora": "fake"}.get(name, name)] = TS.clip_and_step(optimizers[name], args.grad_clip)
     log(rec | timing(t_it))
     shown |= {k: f"{x:.4f}" for k, x in rec.items() if k.startswith("loss")}  # loss_gen: its last update's
     bar.set_postfix(shown)

@@ -50,7 +50,7 @@ from text.encoders import load_clip
 from text.tokenizer import find_clip_tokenizer
 from unet import load_unet, sample_one_step, sample_sd15
 from vae import load_vae, to_uint8
-from weights import Checkpoint, CheckpointError, find_component, write_atomic
+from weights import ArgumentParser, Checkpoint, CheckpointError, find_component, write_atomic
 
 # --ckpt by default: what `python distill.py [--preset toy]` wrote, else the committed distilled toy student
 DISTILLED = ("out/toy/student.safetensors", "out/tiny/student.safetensors",
@@ -91,12 +91,6 @@ def save_png(pixels: np.ndarray, path: Path, params: dict) -> None:
 
 # ----------------------------------------------------------------------------- command line
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, like every other bad input (argparse prints usage + message)
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-
 def positive_int(s):
     v = int(s)
     if v <= 0:
@@ -105,7 +99,7 @@ def positive_int(s):
 
 
 def parse_args(argv=None):
-    p = Parser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     g = p.add_argument_group("what")
     g.add_argument("--prompt", required=True)
     g.add_argument("--negative-prompt", default="", help="the unconditional branch of CFG (default: empty)")

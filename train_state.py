@@ -48,6 +48,16 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+def clip_and_step(optimizer: torch.optim.Optimizer, max_norm: float) -> float:
+    """Clip the optimizer's gradients to a total norm of `max_norm`, step, zero them; returns the norm before clipping
+    (the whole norm under FSDP)."""
+    params = [q for group in optimizer.param_groups for q in group["params"]]
+    norm = full(torch.nn.utils.clip_grad_norm_(params, max_norm)).item()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
 def save_state(path, step: int, config: dict, parts: dict, optimizers: dict, generators: dict, write: bool = True,
                metadata: dict | None = None) -> None:
     """parts: {"student": state_dict, ...}; optimizers: {"student": AdamW, ...}; generators: {"data": Generator}.

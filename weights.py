@@ -12,10 +12,12 @@ file, the key and the expected vs found shape; the command-line scripts print it
 Reference: the safetensors format (8-byte little-endian header length, JSON header, raw data),
 https://github.com/huggingface/safetensors.
 """
+import argparse
 import json
 import os
 import re
 import struct
+import sys
 import tempfile
 from pathlib import Path
 
@@ -26,6 +28,14 @@ from safetensors.torch import save_file
 
 class CheckpointError(ValueError):
     """A checkpoint that can't be used as asked: the message is one line for the user."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose bad flags end as one `error:` line, like a bad file (argparse prints usage + message)."""
+
+    def error(self, message):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 # Tensors that real files carry but no model here uses; skipped by name, never silently by accident.
