@@ -25,8 +25,8 @@ before and after) for distilled rows. Every run is a subprocess on one CPU threa
 
     python -m toy.table                     # everything (3 seeds; ~5 hours on 2 cores)
     python -m toy.table --rows distilled --seeds 0   # one row, one seed
-Each run's result lands in out/table/ROW_sSEED/result.json; toy/results/table.json and the printed markdown table
-are built from all of them (--collect: just that).
+Each run's result lands in out/table/ROW_sSEED/result.json; toy/results/table.json keeps its rows and seeds and takes
+each finished run's in place of its own, and the markdown table is printed from it (--collect: just that).
 """
 import argparse
 import json
@@ -160,9 +160,10 @@ def run(job):
 
 
 def collect() -> dict:
-    """The table from every finished run's out/table/ROW_sSEED/result.json (runs may come from several invocations
-    running at once)."""
-    table = {}
+    """The committed table (toy/results/table.json), each row and seed that a finished run has in
+    out/table/ROW_sSEED/result.json replaced by it (runs may come from several invocations running at once); rows
+    and seeds without a run here are kept."""
+    table = json.loads(TABLE.read_text()) if TABLE.is_file() else {}
     for f in sorted(OUT.glob("*_s*/result.json")):
         row, seed = f.parent.name.rsplit("_s", 1)
         table.setdefault(row, {})[seed] = json.loads(f.read_text())
