@@ -179,18 +179,22 @@ def test_bad_input(ref, tmp_path, capsys):
 @pytest.mark.skipif(not (ROOT / "assets/toy/distilled/student.safetensors").is_file(), reason="no toy student")
 def test_toy_metric_is_the_judge_of_distill(tmp_path):
     """--metric toy on the committed distilled student's samples of the judge's 200 prompts gives the all_correct
-    that distill.py's judge computes for it (same prompts, noises and timestep)."""
+    that distill.py's judge computes for it (same prompts, noises and timestep) on the same 8-bit images; on the
+    decoded images themselves (distill.py's route) a pixel on a rounding edge may flip a prompt or two."""
     from unet import load_unet, one_step_x0
-    from vae import load_vae
+    from vae import load_vae, to_uint8
     from weights import Checkpoint
     student = ROOT / "assets/toy/distilled/student.safetensors"
     assert evaluate.main(["--ckpt", str(student), "--prompts", "toy", "--n", "200", "--metric", "toy",
                           "--out-dir", str(tmp_path / "s"), "--out", str(tmp_path / "s.json")]) == 0
+    got = json.loads((tmp_path / "s.json").read_text())["mean"]
     judge = evaluate.RunEvaluator("toy", None, 200, str(student), 8, torch.float32, "cpu")  # distill.py --eval
     unet, vae, t = load_unet(student), load_vae(student, family="sd15"), int(Checkpoint(student).metadata["timestep"])
+    as_png = lambda x: torch.from_numpy(to_uint8(x)).permute(0, 3, 1, 2).float() / 127.5 - 1  # noqa: E731
     with torch.no_grad():
-        want = judge(lambda noise, ctx: vae.decode(one_step_x0(unet, noise, t, ctx)))
-    assert json.loads((tmp_path / "s.json").read_text())["mean"] == pytest.approx(want["all_correct"])
+        floats = judge(lambda noise, ctx: vae.decode(one_step_x0(unet, noise, t, ctx)))
+        pngs = judge(lambda noise, ctx: as_png(vae.decode(one_step_x0(unet, noise, t, ctx))))
+    assert got == pytest.approx(pngs["all_correct"]) and abs(got - floats["all_correct"]) <= 0.01, (got, floats, pngs)
 
 
 def test_distill_scores_with_a_metric(ref, tmp_path):
