@@ -98,8 +98,8 @@ g.add_argument("--warmdown", type=float, help="the student lr falls linearly to 
 g.add_argument("--fake-steps-per-gen", type=int, help="fake-score updates per student update (DMD2: 5)")
 g.add_argument("--lora-rank", type=int)
 # The generator's input is pure noise; its timestep is its conditioning (DMD2: 999). x0 divides the eps error by
-# sqrt(abar(t)): a briefly trained student is too rough at 999 for that, so the toy tells it 800 (toy/LOG.md#gen-t).
-g.add_argument("--gen-timestep", type=int, help="the one-step generator's timestep (999; toy: 800)")
+# sqrt(abar(t)): a briefly trained student is too rough at 999 for that, so the toy tells it 600 (toy/LOG.md#gen-t).
+g.add_argument("--gen-timestep", type=int, help="the one-step generator's timestep (999; toy: 600)")
 # 4.5: SD3.5-Medium's recommended sampling guidance (model card); below SD3's 7.0 because DMD's reverse KL is already
 # mode-seeking and a high real-score CFG over-saturates one-step samples (DMD2 notes the same trade-off).
 g.add_argument("--cfg", type=float, help="SD3: CFG of the real score (uncond = the cached negative; 4.5)")
@@ -336,7 +336,7 @@ draw = TS.Draw(args.seed + 3, args.batch_size, device)  # every random draw of t
 gan = GAN.make(args, raw_teacher, tvae, cache.prompts, ctx_of, guid, draw, amp, dt, ddp, device,  # or NoGAN
                presets.real_renders if args.preset == "toy" else None)
 gan.load_state(state.part("critic.")) if args.resume else None
-optimizers = {"student": torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay),
+optimizers = {"student": torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True),
               "lora": torch.optim.AdamW([q for _, q in lora], lr=args.fake_lr, weight_decay=args.weight_decay),
               **gan.optimizers}
 fake_side = [name for name in ("lora", "critic") if name in optimizers]  # trained by the fake score's update

@@ -46,7 +46,8 @@ OUT = ROOT / "out" / "table"
 TABLE = ROOT / "toy" / "results" / "table.json"
 SAME_SPACE = ROOT / "assets" / "toy" / "same_space"
 # the toy preset's stage 2 before the 10-minute default (toy/LOG.md#ten-minutes): the rows measured then keep it
-STAGE2_500 = ["--batch-size", "8", "--fake-steps-per-gen", "2", "--steps", "500", "--lr", "5e-5", "--warmdown", "0"]
+STAGE2_500 = ["--batch-size", "8", "--fake-steps-per-gen", "2", "--steps", "500", "--lr", "5e-5", "--warmdown", "0",
+              "--gen-timestep", "800"]
 FEATURE_TAP = [*STAGE2_500, "--bridge-tap", "features", "--bridge-steps", "150"]  # the toy preset before the pixel tap
 DISTILL_ROWS = {  # row -> distill.py flags (on top of --preset toy)
     "distilled": [],
