@@ -259,7 +259,12 @@ def main(argv=None) -> int:
         if args.ckpt:
             flags = [x for k in ("text_encoders", "vae") if getattr(args, k) for x in
                      ("--" + k.replace("_", "-"), getattr(args, k))]
-            sample_folder(args.ckpt, read_prompts(args.prompts, args.n), folder, args.seed, flags)
+            prompts = read_prompts(args.prompts, args.n)
+            ours = {f"{i:04d}" for i in range(len(prompts))}  # the folder's images are scored: no one else's
+            if stale := [f.name for f in (V.image_files(folder) if folder.is_dir() else []) if f.stem not in ours]:
+                raise UsageError(f"--out-dir {folder}: holds {len(stale)} images this run does not write (e.g. "
+                                 f"{stale[0]}), which would be scored with its own: choose another or empty it")
+            sample_folder(args.ckpt, prompts, folder, args.seed, flags)
         results = evaluate(folder, metrics, weights)
         if args.out:
             out = Path(args.out)

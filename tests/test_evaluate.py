@@ -188,6 +188,8 @@ def test_toy_metric_is_the_judge_of_distill(tmp_path):
     assert evaluate.main(["--ckpt", str(student), "--prompts", "toy", "--n", "200", "--metric", "toy",
                           "--out-dir", str(tmp_path / "s"), "--out", str(tmp_path / "s.json")]) == 0
     got = json.loads((tmp_path / "s.json").read_text())["mean"]
+    assert evaluate.main(["--ckpt", str(student), "--prompts", "toy", "--n", "100", "--metric", "toy",  # 100 more
+                          "--out-dir", str(tmp_path / "s")]) == 1  # images there than it writes: scored too, so no
     judge = evaluate.RunEvaluator("toy", None, 200, str(student), 8, torch.float32, "cpu")  # distill.py --eval
     unet, vae, t = load_unet(student), load_vae(student, family="sd15"), int(Checkpoint(student).metadata["timestep"])
     as_png = lambda x: torch.from_numpy(to_uint8(x)).permute(0, 3, 1, 2).float() / 127.5 - 1  # noqa: E731

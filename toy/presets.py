@@ -40,11 +40,11 @@ def defaults(preset: str | None, real: dict) -> dict:
     # sized for < 10 minutes on 2 CPU cores. The Bridge on the decoded image with 400 stage-1 steps
     # (toy/LOG.md#pixel-tap); DMD's noise levels U(0.4, 0.85) unshifted (toy/LOG.md#dmd-noise-levels); the generator
     # told t = 600 (toy/LOG.md#gen-t). Within the 10 minutes: batch 4, a student update every iteration, its lr 1e-4
-    # falling to 0 over the second half, the judge every 400 iterations (toy/LOG.md#ten-minutes).
+    # falling to 0 over the second half, 1100 iterations, the judge once on the way (toy/LOG.md#ten-minutes).
     return tiny | dict(
         latents=96, held_out=16, bridge_steps=400, bridge_batch=8, bridge_width=64, bridge_depth=2, bridge_tap="pixels",
-        steps=1200, batch_size=4, lr=1e-4, warmdown=0.5, fake_lr=1e-3, lora_rank=8, fake_steps_per_gen=1, cfg=4.5,
-        ema=0.99, sample_every=100, ckpt_every=100, t5_length=None, eval=200, eval_metric="toy", eval_every=400,
+        steps=1100, batch_size=4, lr=1e-4, warmdown=0.5, fake_lr=1e-3, lora_rank=8, fake_steps_per_gen=1, cfg=4.5,
+        ema=0.99, sample_every=100, ckpt_every=100, t5_length=None, eval=200, eval_metric="toy", eval_every=550,
         gen_timestep=600, sigma_range=[0.4, 0.85], dmd_shift=1.0)
 
 

@@ -9,8 +9,9 @@ Rows (200 fixed prompts of the judge, toy.models.eval_prompts; mean +- std over 
                                                     VAE, or rendered by its decoder from the best latent for each
   distilled student, 1 step                         `python distill.py --preset toy --seed S`, both stages (the
                                                     Bridge on the decoded image); the judge's one-step score at the
-                                                    end of the run (distill.py --eval); also at the earlier stage-2
-                                                    settings (STAGE2_500: 500 iterations, and 2000)
+                                                    end of the run (distill.py --eval); also told t = 800 (the
+                                                    default before), and at the earlier stage-2 settings
+                                                    (STAGE2_500: 500 iterations, and 2000)
   ablations, 1 step: no attention fidelity (--attn-weight 0); the Bridge on a decoder feature map (--bridge-tap
   features, 150 stage-1 steps: the toy preset before the pixel tap), with and without attention fidelity; naive Bridge
   (--bridge-kind naive: bilinear resize + 1x1 conv), exact path (--bridge-kind exact: back-propagation through
@@ -51,6 +52,7 @@ STAGE2_500 = ["--batch-size", "8", "--fake-steps-per-gen", "2", "--steps", "500"
 FEATURE_TAP = [*STAGE2_500, "--bridge-tap", "features", "--bridge-steps", "150"]  # the toy preset before the pixel tap
 DISTILL_ROWS = {  # row -> distill.py flags (on top of --preset toy)
     "distilled": [],
+    "distilled_t800": ["--gen-timestep", "800", "--steps", "1200", "--eval-every", "400"],  # the default at 2d64e6d
     "distilled_500": STAGE2_500,
     "distilled_2000": [*STAGE2_500, "--steps", "2000"],
     "no_attention_fidelity": [*STAGE2_500, "--attn-weight", "0"],
@@ -71,7 +73,8 @@ LABELS = {"student_1step": "base student, 1 step (t = 999, CFG 7.5)", "student_d
           "same_space_teacher_euler28": "same-space teacher (4 ch, 64 px), 28 Euler steps",
           "teacher_via_student_vae": "ceiling: the teacher's images, student VAE encode + decode",
           "teacher_via_student_decoder": "ceiling: the teacher's images, student decoder from the best latent",
-          "distilled": "**distilled student, 1 step (Bridge)** (t = 800; `python distill.py`)",
+          "distilled": "**distilled student, 1 step (Bridge)** (t = 600; `python distill.py`)",
+          "distilled_t800": "distilled student, the same told t = 800 (the default at 2d64e6d)",
           "distilled_500": "distilled student, the earlier 500 iterations (batch 8, 2 fake updates per student update)",
           "distilled_2000": "**distilled student, 2000 of the earlier iterations (4x), 1 step (Bridge)**",
           "no_attention_fidelity": "ablation: no attention fidelity, 1 step",
