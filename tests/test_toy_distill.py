@@ -39,10 +39,10 @@ RUN = ["--steps", "60", "--lr", "2e-4", "--batch-size", "8", "--warmdown", "0", 
        "0", "--gen-timestep", str(GEN_T), "--eval", "0", "--ckpt-every", "1000", "--sample-every", "1000"]
 # The pre-stated margin on the METRIC gain (after - before, on N_EVAL prompts), set before calibrating. Calibration
 # (this RUN, the models of the toy table, the toy preset's pixel-tap projector and DMD noise levels U(0.4, 0.85)):
-# the correct run gains 0.485 (0.29 -> 0.775; fully satisfied 0.015 -> 0.06), the flipped sign -0.26 (-> 0.03); a
-# detached Bridge gains exactly 0 (no gradient reaches the student); 40-60 s a run (commit 2d64e6d's projector; with
-# ded7678's, 0.495, -0.26, 0). With the feature tap's
-# projector it was 0.665, -0.135, 0; at the preset's lr 5e-5 that run gained 0.29, too close to the margin for a test.
+# the correct run gains 0.485 (0.29 -> 0.775; fully satisfied 0.015 -> 0.06-0.07), the flipped sign -0.26 (-> 0.03);
+# a detached Bridge gains exactly 0 (no gradient reaches the student); 30-60 s a run (the projectors of 2d64e6d and
+# a2dd80c; with ded7678's, 0.495, -0.26, 0). With the feature tap's projector it was 0.665, -0.135, 0; at the preset's
+# lr 5e-5 that run gained 0.29, too close to the margin for a test.
 # (Calibrated first at DMD noise levels shift 12 over U(0.02, 0.98): 0.675, -0.17, 0.)
 MARGIN = 0.20
 METRIC = "background"
