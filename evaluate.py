@@ -143,11 +143,17 @@ def sample_folder(ckpt: str, prompts: list[str], folder: Path, seed: int, teache
     """A model's images of the prompts into folder/NNNN.png + NNNN.txt. An SD 1.5 student: one step from the run's
     timestep if distilled (its metadata), else 25 DDIM steps with CFG 7.5 (sample.py's defaults), batched; the noise
     of all images one draw from `seed` (as distill.py --eval draws it: the toy judge's numbers are distill.py's).
-    A teacher: sample.py itself, image by image (seed + i), its defaults, `teacher_flags` (--text-encoders, --vae)."""
+    A teacher: sample.py itself, image by image (seed + i), its defaults, `teacher_flags` (--text-encoders, --vae).
+    The folder's images are all scored, so one holding images this call does not write is refused."""
+    stem = "{:04d}".format
+    ours = {stem(i) for i in range(len(prompts))}
+    if stale := [f.name for f in (V.image_files(folder) if folder.is_dir() else []) if f.stem not in ours]:
+        raise UsageError(f"--out-dir {folder}: holds {len(stale)} images this run does not write (e.g. {stale[0]}), "
+                         "which would be scored with its own: choose another or empty it")
     folder.mkdir(parents=True, exist_ok=True)
     if TL.detect_model(ckpt)[0] != "sd15":
         for i, p in enumerate(prompts):
-            name = folder / f"{i:04d}"
+            name = folder / stem(i)
             sample.run(sample.parse_args(["--ckpt", ckpt, "--prompt", p, "--seed", str(seed + i), "--quiet",
                                           "--out", str(name.with_suffix(".png")), *teacher_flags]))
             write_atomic(name.with_suffix(".txt"), lambda t, q=p: Path(t).write_text(q + "\n", encoding="utf-8"))
@@ -164,7 +170,7 @@ def sample_folder(ckpt: str, prompts: list[str], folder: Path, seed: int, teache
         else:
             z = U.ddim_sample(unet, clip(tok.encode([""] * len(p) + p)).last_hidden_state, x, 25, 7.5)
         for j, pixels in enumerate(V.to_uint8(vae.decode(z))):
-            name = folder / f"{i + j:04d}"
+            name = folder / stem(i + j)
             write_atomic(name.with_suffix(".png"), lambda t, px=pixels: Image.fromarray(px).save(t, format="PNG"))
             write_atomic(name.with_suffix(".txt"), lambda t, q=p[j]: Path(t).write_text(q + "\n", encoding="utf-8"))
 
@@ -259,12 +265,7 @@ def main(argv=None) -> int:
         if args.ckpt:
             flags = [x for k in ("text_encoders", "vae") if getattr(args, k) for x in
                      ("--" + k.replace("_", "-"), getattr(args, k))]
-            prompts = read_prompts(args.prompts, args.n)
-            ours = {f"{i:04d}" for i in range(len(prompts))}  # the folder's images are scored: no one else's
-            if stale := [f.name for f in (V.image_files(folder) if folder.is_dir() else []) if f.stem not in ours]:
-                raise UsageError(f"--out-dir {folder}: holds {len(stale)} images this run does not write (e.g. "
-                                 f"{stale[0]}), which would be scored with its own: choose another or empty it")
-            sample_folder(args.ckpt, prompts, folder, args.seed, flags)
+            sample_folder(args.ckpt, read_prompts(args.prompts, args.n), folder, args.seed, flags)
         results = evaluate(folder, metrics, weights)
         if args.out:
             out = Path(args.out)
